@@ -1,0 +1,27 @@
+# Two commands do all the set-up on a fresh machine:
+#   make train   - create .venv, install, run the digits distillation (CPU, minutes)
+#   make test    - create .venv, install, run the test suite
+VENV ?= .venv
+PY := $(VENV)/bin/python
+export OMP_WAIT_POLICY ?= PASSIVE
+export WANDB_MODE ?= offline
+
+.PHONY: setup train test lint
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# CPU torch first (a local-disk wheel here), so no dependency pulls a multi-GB CUDA build.
+	$(PY) -m pip install -q "torch==2.13.0"
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $@
+
+train: setup
+	$(PY) -m nitro_dist.train $(ARGS)
+
+test: setup
+	$(PY) -m pytest -q
+
+lint: setup
+	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .

@@ -1,0 +1,359 @@
+"""One typed config tree: defaults -> YAML preset -> ``key=value`` overrides.
+
+Every component is handed only its own sub-config. Unknown keys and values of the wrong type are
+rejected with a ``ValueError`` that names the dotted key, so a typo in a preset or a Tune search
+space fails loudly instead of being silently ignored.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+HEAD_KINDS = ("global_cond", "local_cond", "local_uncond")
+
+
+@dataclass(kw_only=True)
+class ModelConfig:
+    # "digits": the shipped digits teacher; "tiny_sdxl": a tiny SDXL-architecture model built from
+    # configs (tests); "diffusers": a diffusers folder (unet/, text_encoder[_2]/, tokenizer[_2]/,
+    # scheduler/, optional vae/) at ``teacher_path``.
+    source: Literal["digits", "tiny_sdxl", "diffusers"] = "digits"
+    teacher_path: str | None = None
+    # Student initialisation: a diffusers UNet folder (e.g. DMD2-1step); None copies the teacher.
+    student_path: str | None = None
+    # Pixel-space tasks (digits) need no VAE; latent tasks decode samples with it when present.
+    use_vae: bool = False
+    gradient_checkpointing: bool = False
+
+
+@dataclass(kw_only=True)
+class SamplerConfig:
+    """The student's shifted-LCM sampler (DESIGN.md §2 "Timestep shift")."""
+
+    shift: int = 250  # UNet is told t' = floor(t * shift / 1000); 250 realism, 500 vibrant
+    original_inference_steps: int = 4
+    num_train_timesteps: int = 1000
+
+
+@dataclass(kw_only=True)
+class TeacherConfig:
+    mode: Literal["online", "offline"] = "online"
+    # Any diffusers scheduler class name; its config comes from the teacher's scheduler/ folder
+    # (or the task default) with ``scheduler_overrides`` applied on top.
+    scheduler: str = "DDIMScheduler"
+    scheduler_overrides: dict[str, Any] = field(default_factory=dict)
+    num_steps: int = 4
+    guidance_scale: float = 0.0
+    # Fixed timesteps, e.g. [999, 749, 499, 249] for DMD2's 4-step LCM; empty = scheduler's own.
+    timesteps: list[int] = field(default_factory=list)
+    # offline mode: number of teacher pairs precomputed once per run (digits; shards later).
+    offline_pairs: int = 4096
+    batch_size: int = 256
+
+
+@dataclass(kw_only=True)
+class RefinementConfig:
+    """Bottom-up refinement: step k (1-based) joins the sampled set at ``enable_at[k-1]``."""
+
+    enable_at: list[int] = field(default_factory=lambda: [0, 0, 0, 0])
+
+
+@dataclass(kw_only=True)
+class PoolConfig:
+    kinds: list[str] = field(default_factory=lambda: list(HEAD_KINDS))
+    t_buckets: list[int] = field(default_factory=lambda: [10, 250, 500, 750])
+    t_jitter: int = 0  # t* drawn uniformly within +-jitter of the bucket centre
+    levels: list[int] = field(default_factory=list)  # backbone levels with heads; empty = all
+    candidates: int = 4  # heads per slot (kind, bucket, level)
+    heads_per_slot: int = 1  # active heads per slot each iteration
+    refresh_rate: float = 0.01  # per-head probability of re-initialisation per iteration
+    width: int = 256
+    depth: int = 2
+    crop_frac: float = 0.5  # side of the local heads' random crop, as a fraction of the map
+    lr: float = 2e-4
+    betas: list[float] = field(default_factory=lambda: [0.0, 0.99])
+    weight_decay: float = 0.0
+
+
+@dataclass(kw_only=True)
+class LossConfig:
+    type: Literal["hinge", "non_saturating"] = "hinge"
+    g_weight: float = 1.0
+
+
+@dataclass(kw_only=True)
+class OptimConfig:
+    lr: float = 1e-5
+    betas: list[float] = field(default_factory=lambda: [0.0, 0.99])
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    ema_decay: float = 0.0  # 0 = no EMA of G
+    d_steps_per_g_step: int = 1
+
+
+@dataclass(kw_only=True)
+class DataConfig:
+    source: Literal["digits"] = "digits"
+    resolution: int = 8
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    iterations: int = 1000
+    batch_size: int = 64
+    device: str = "auto"  # auto | cpu | cuda
+    num_threads: int = 0  # 0 = torch default
+    log_every: int = 25
+    sample_every: int = 250
+    eval_every: int = 0  # 0 = only at the end
+    eval_images: int = 500
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 2
+
+
+@dataclass(kw_only=True)
+class LoggingConfig:
+    wandb: bool = False
+    wandb_mode: Literal["offline", "online", "disabled"] = "offline"
+    project: str = "nitro_dist"
+    progress: bool = True
+
+
+@dataclass(kw_only=True)
+class Config:
+    seed: int = 0
+    run_name: str = "digits"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    refinement: RefinementConfig = field(default_factory=RefinementConfig)
+    pool: PoolConfig = field(default_factory=PoolConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+
+# ---------------------------------------------------------------------------------------------
+# dict <-> dataclass with type checking
+
+
+def _check_value(key: str, tp: Any, value: Any) -> Any:
+    """Return ``value`` coerced to ``tp`` or raise ValueError naming ``key``."""
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            raise ValueError(f"{key}: {value!r} is not one of {list(typing.get_args(tp))}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _check_value(key, arg, value)
+            except ValueError as e:
+                errors.append(str(e))
+        raise ValueError(errors[0])
+    if origin is list:
+        if not isinstance(value, list | tuple):
+            raise ValueError(f"{key}: expected a list, got {value!r}")
+        (item_tp,) = typing.get_args(tp)
+        return [_check_value(f"{key}[{i}]", item_tp, v) for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ValueError(f"{key}: expected a mapping, got {value!r}")
+        return dict(value)
+    if tp is Any:
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ValueError(f"{key}: expected true/false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ValueError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ValueError(f"{key}: expected a string, got {value!r}")
+        return value
+    raise TypeError(f"unsupported config type {tp} at {key}")  # internal: a new field type
+
+
+def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+    """Build dataclass ``cls`` from a nested dict, rejecting unknown keys by dotted name."""
+    if not isinstance(data, dict):
+        raise ValueError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ValueError(
+            f"unknown config key {prefix}{unknown[0]}; valid keys here: {', '.join(sorted(names))}"
+        )
+    kwargs = {}
+    for name, value in data.items():
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = from_dict(tp, value, f"{prefix}{name}.")
+        else:
+            kwargs[name] = _check_value(prefix + name, tp, value)
+    return cls(**kwargs)
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in update.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict) and k in out:
+            # free-form dict fields (scheduler_overrides) merge too; that is what users expect
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """``a.b.c=value`` -> (["a", "b", "c"], value parsed as YAML: 3, 0.5, true, [1, 2], null)."""
+    if "=" not in item:
+        raise ValueError(f"override {item!r} is not of the form key=value")
+    key, raw = item.split("=", 1)
+    if not key or any(not part for part in key.split(".")):
+        raise ValueError(f"override {item!r} has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError as e:
+        raise ValueError(f"override {key}: cannot parse value {raw!r}: {e}") from e
+    return key.split("."), value
+
+
+def _nest(path: list[str], value: Any) -> dict[str, Any]:
+    out: Any = value
+    for part in reversed(path):
+        out = {part: out}
+    return out
+
+
+def resolve_preset(name_or_path: str) -> Path:
+    """``digits`` -> configs/digits.yaml; a path is used as is."""
+    p = Path(name_or_path)
+    if p.suffix in (".yaml", ".yml") or p.exists():
+        if not p.exists():
+            raise ValueError(f"config file {p} does not exist")
+        return p
+    candidate = CONFIG_DIR / f"{name_or_path}.yaml"
+    if not candidate.exists():
+        presets = sorted(q.stem for q in CONFIG_DIR.glob("*.yaml"))
+        raise ValueError(f"no preset named {name_or_path!r}; presets: {', '.join(presets)}")
+    return candidate
+
+
+def load_config(preset: str | None = None, overrides: list[str] | None = None) -> Config:
+    """Defaults -> YAML preset (may say ``base: other``) -> ``key=value`` overrides."""
+    data = to_dict(Config())
+    if preset is not None:
+        data = _merge(data, _load_yaml(resolve_preset(preset)))
+    for item in overrides or []:
+        path, value = parse_override(item)
+        data = _merge(data, _nest(path, value))
+    cfg = from_dict(Config, data)
+    validate(cfg)
+    return cfg
+
+
+def _load_yaml(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ValueError(f"config file {path} is not valid YAML: {e}") from e
+    if not isinstance(data, dict):
+        raise ValueError(f"config file {path} must hold a mapping at top level")
+    base = data.pop("base", None)
+    if base is not None:
+        data = _merge(_load_yaml(resolve_preset(str(base))), data)
+    return data
+
+
+def config_from_dict(data: dict[str, Any]) -> Config:
+    """For Ray: workers receive dicts; this is the first line of every worker function."""
+    cfg = from_dict(Config, _merge(to_dict(Config()), data))
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    """Range checks that types cannot express; each error names its key."""
+
+    def need(ok: bool, key: str, msg: str) -> None:
+        if not ok:
+            raise ValueError(f"{key}: {msg}")
+
+    p = cfg.pool
+    need(len(p.kinds) > 0, "pool.kinds", "at least one head kind is needed")
+    for i, k in enumerate(p.kinds):
+        need(k in HEAD_KINDS, f"pool.kinds[{i}]", f"{k!r} is not one of {list(HEAD_KINDS)}")
+    need(len(set(p.kinds)) == len(p.kinds), "pool.kinds", "kinds repeat")
+    need(len(p.t_buckets) > 0, "pool.t_buckets", "at least one t* bucket is needed")
+    for i, t in enumerate(p.t_buckets):
+        need(0 <= t < cfg.sampler.num_train_timesteps, f"pool.t_buckets[{i}]", f"{t} out of range")
+    need(p.t_jitter >= 0, "pool.t_jitter", "must be >= 0")
+    need(p.candidates >= 1, "pool.candidates", "must be >= 1")
+    need(
+        1 <= p.heads_per_slot <= p.candidates,
+        "pool.heads_per_slot",
+        f"must be in 1..pool.candidates ({p.candidates})",
+    )
+    need(0.0 <= p.refresh_rate <= 1.0, "pool.refresh_rate", "must be in [0, 1]")
+    need(p.width >= 1 and p.depth >= 1, "pool.width", "width and depth must be >= 1")
+    need(0.0 < p.crop_frac <= 1.0, "pool.crop_frac", "must be in (0, 1]")
+    need(len(p.betas) == 2, "pool.betas", "needs two values")
+    need(len(cfg.optim.betas) == 2, "optim.betas", "needs two values")
+    need(cfg.optim.lr > 0 and p.lr > 0, "optim.lr", "learning rates must be > 0")
+    need(0.0 <= cfg.optim.ema_decay < 1.0, "optim.ema_decay", "must be in [0, 1)")
+    need(cfg.optim.d_steps_per_g_step >= 1, "optim.d_steps_per_g_step", "must be >= 1")
+    s = cfg.sampler
+    need(
+        1 <= s.shift <= s.num_train_timesteps, "sampler.shift", "must be in 1..num_train_timesteps"
+    )
+    need(s.original_inference_steps >= 1, "sampler.original_inference_steps", "must be >= 1")
+    r = cfg.refinement.enable_at
+    need(1 <= len(r) <= 4, "refinement.enable_at", "one start iteration per step k, 1 to 4 of them")
+    need(r[0] == 0, "refinement.enable_at", "step 1 must be enabled from iteration 0")
+    need(all(x >= 0 for x in r), "refinement.enable_at", "iterations must be >= 0")
+    t = cfg.teacher
+    need(t.num_steps >= 1, "teacher.num_steps", "must be >= 1")
+    need(t.guidance_scale >= 0, "teacher.guidance_scale", "must be >= 0")
+    need(t.offline_pairs >= 1 and t.batch_size >= 1, "teacher.offline_pairs", "must be >= 1")
+    tr = cfg.train
+    need(tr.iterations >= 0, "train.iterations", "must be >= 0")
+    need(tr.batch_size >= 1, "train.batch_size", "must be >= 1")
+    need(tr.device in ("auto", "cpu", "cuda"), "train.device", "must be auto, cpu or cuda")
+    for key in ("log_every", "sample_every", "eval_every", "checkpoint_every"):
+        need(getattr(tr, key) >= 0, f"train.{key}", "must be >= 0")
+    need(tr.keep_checkpoints >= 1, "train.keep_checkpoints", "must be >= 1")
+    need(tr.eval_images >= 10, "train.eval_images", "must be >= 10")
+    if cfg.model.source == "diffusers":
+        need(bool(cfg.model.teacher_path), "model.teacher_path", "required for source=diffusers")
+    need(cfg.data.resolution >= 8, "data.resolution", "must be >= 8")
+
+
+def dump_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)

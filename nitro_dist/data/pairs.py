@@ -1,0 +1,135 @@
+"""Teacher pairs: (prompt, noise seed, teacher x0) and the per-iteration batch draw.
+
+x_T is never stored: it is regenerated bit-exactly from the pair's seed (``seeded_noise``), so a
+pair set is small and the same sample always starts from the same noise. In offline mode the
+teacher runs once over the whole set (cached on disk, keyed by everything that changes its
+output); in online mode it runs inside the training step on the drawn batch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+from nitro_dist import rng
+from nitro_dist.models.text import TextConditioner
+from nitro_dist.sampling import TeacherSampler, seeded_noise
+
+
+@dataclass
+class PromptSet:
+    prompts: list[str]
+    seeds: torch.Tensor  # int64, one noise seed per sample
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+
+def global_batch_indices(
+    seed: int, iteration: int, num_samples: int, global_batch: int
+) -> torch.Tensor:
+    """Indices of the global batch of ``iteration``: a keyed permutation, so the batch does not
+    depend on the number of ranks; rank r takes the r-th contiguous slice."""
+    g = rng.keyed_generator(seed, iteration, rng.BATCH)
+    if global_batch <= num_samples:
+        return torch.randperm(num_samples, generator=g)[:global_batch]
+    return torch.randint(num_samples, (global_batch,), generator=g)
+
+
+def rank_slice(indices: torch.Tensor, rank: int, world_size: int) -> torch.Tensor:
+    if len(indices) % world_size:
+        raise ValueError(
+            f"train.batch_size {len(indices)} does not divide over {world_size} workers"
+        )
+    per = len(indices) // world_size
+    return indices[rank * per : (rank + 1) * per]
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("NITRO_CACHE", Path.home() / ".cache" / "nitro_dist"))
+
+
+def _fingerprint(teacher: torch.nn.Module, parts: dict) -> str:
+    h = hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode())
+    with torch.no_grad():
+        for p in list(teacher.parameters())[:: max(1, len(list(teacher.parameters())) // 16)]:
+            h.update(p.detach().float().cpu().numpy().tobytes()[:4096])
+    return h.hexdigest()[:16]
+
+
+@torch.no_grad()
+def teacher_x0(
+    teacher: torch.nn.Module,
+    text: TextConditioner,
+    sampler: TeacherSampler,
+    prompts: list[str],
+    seeds: torch.Tensor,
+    sample_shape: tuple[int, int, int],
+    device: torch.device,
+) -> torch.Tensor:
+    """The teacher's x0 for each (prompt, seed); per-sample noise from the seed."""
+    x_T = seeded_noise(seeds.tolist(), sample_shape).to(device)
+    cond = text.encode(prompts).to(device)
+    uncond = text.encode([""] * len(prompts)).to(device) if sampler.guidance_scale > 1 else None
+    g = torch.Generator().manual_seed(int(seeds[0]))  # stochastic schedulers (LCM): keyed by batch
+    return sampler.sample(teacher, x_T, cond, uncond, generator=g)
+
+
+def precompute_pairs(
+    teacher: torch.nn.Module,
+    text: TextConditioner,
+    sampler: TeacherSampler,
+    data: PromptSet,
+    sample_shape: tuple[int, int, int],
+    *,
+    batch_size: int,
+    device: torch.device,
+    fingerprint_parts: dict,
+    progress: bool = True,
+) -> torch.Tensor:
+    """Teacher x0 for every sample of ``data`` (N x C x H x W, fp32 on CPU), cached on disk."""
+    key = _fingerprint(
+        teacher,
+        {
+            **fingerprint_parts,
+            "n": len(data),
+            "shape": sample_shape,
+            "seeds": data.seeds[:8].tolist(),
+            "prompts": data.prompts[:8],
+        },
+    )
+    path = cache_dir() / "teacher_pairs" / f"{key}.safetensors"
+    if path.exists():
+        try:
+            return load_file(path)["x0"]
+        except Exception:  # a torn cache file: recompute it
+            path.unlink(missing_ok=True)
+    out = []
+    starts = range(0, len(data), batch_size)
+    for s in tqdm(starts, desc="teacher pairs", unit="batch", disable=not progress):
+        out.append(
+            teacher_x0(
+                teacher,
+                text,
+                sampler,
+                data.prompts[s : s + batch_size],
+                data.seeds[s : s + batch_size],
+                sample_shape,
+                device,
+            )
+            .float()
+            .cpu()
+        )
+    x0 = torch.cat(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    save_file({"x0": x0.contiguous()}, str(tmp))
+    tmp.replace(path)
+    return x0

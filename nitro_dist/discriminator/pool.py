@@ -1,0 +1,206 @@
+"""The head pool: slot layout, deterministic per-iteration sampling and refresh, and storage.
+
+Slots are (kind, t* bucket, level); each holds ``candidates`` heads with global ids
+``slot_index * candidates + candidate``. Sampling and refresh are pure functions of
+(seed, iteration[, head id]), identical on every rank with no communication and independent of
+the number of ranks or restarts. ``HeadPool`` stores the heads a process owns (all of them on one
+process; a shard under distributed training) with one AdamW state per head.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from nitro_dist import rng
+from nitro_dist.discriminator.heads import Head, crop_size
+
+INITIAL_ITERATION = -1  # key of the weights a head gets when the pool is built
+
+
+@dataclass(frozen=True)
+class HeadSpec:
+    kind: str
+    bucket: int  # index into t_buckets
+    level: int  # backbone level
+    in_channels: int
+    in_size: int  # spatial side of the map the head sees (the crop for local heads)
+
+
+@dataclass(frozen=True)
+class PoolLayout:
+    kinds: tuple[str, ...]
+    t_buckets: tuple[int, ...]
+    levels: tuple[int, ...]
+    candidates: int
+    level_shapes: tuple[tuple[int, int, int], ...]  # (C, H, W) per backbone level
+    width: int
+    depth: int
+    crop_frac: float
+
+    @property
+    def num_slots(self) -> int:
+        return len(self.kinds) * len(self.t_buckets) * len(self.levels)
+
+    @property
+    def num_heads(self) -> int:
+        return self.num_slots * self.candidates
+
+    def slot(self, index: int) -> tuple[str, int, int]:
+        """Slot index -> (kind, bucket index, level). Slots are ordered kind-major."""
+        n_b, n_l = len(self.t_buckets), len(self.levels)
+        kind, rest = divmod(index, n_b * n_l)
+        bucket, lvl = divmod(rest, n_l)
+        return self.kinds[kind], bucket, self.levels[lvl]
+
+    def slots_of_bucket(self, bucket: int) -> list[int]:
+        return [s for s in range(self.num_slots) if self.slot(s)[1] == bucket]
+
+    def spec(self, head_id: int) -> HeadSpec:
+        kind, bucket, level = self.slot(head_id // self.candidates)
+        c, h, _ = self.level_shapes[level]
+        size = h if kind == "global_cond" else crop_size(h, self.crop_frac)
+        return HeadSpec(kind, bucket, level, c, size)
+
+    def build_head(self, head_id: int) -> Head:
+        s = self.spec(head_id)
+        return Head(s.in_channels, s.in_size, self.width, self.depth)
+
+    def head_numel(self, head_id: int) -> int:
+        s = self.spec(head_id)
+        return _head_numel(s.in_channels, s.in_size, self.width, self.depth)
+
+
+def _head_numel(c: int, size: int, width: int, depth: int) -> int:
+    n, ch = 0, c
+    for _ in range(depth):
+        k = 16 if size >= 2 else 9
+        size = size // 2 if size >= 2 else size
+        n += ch * width * k + width + 2 * width  # conv + bias + GroupNorm affine
+        ch = width
+    return n + ch + 1
+
+
+def make_layout(pool_cfg, level_shapes: list[tuple[int, int, int]]) -> PoolLayout:
+    """``pool_cfg`` is a ``config.PoolConfig``; ``level_shapes`` from ``backbone.level_shapes``."""
+    levels = tuple(pool_cfg.levels) or tuple(range(len(level_shapes)))
+    for lvl in levels:
+        if not 0 <= lvl < len(level_shapes):
+            raise ValueError(
+                f"pool.levels: level {lvl} does not exist (backbone has {len(level_shapes)})"
+            )
+    return PoolLayout(
+        kinds=tuple(pool_cfg.kinds),
+        t_buckets=tuple(pool_cfg.t_buckets),
+        levels=levels,
+        candidates=pool_cfg.candidates,
+        level_shapes=tuple(tuple(s) for s in level_shapes),
+        width=pool_cfg.width,
+        depth=pool_cfg.depth,
+        crop_frac=pool_cfg.crop_frac,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# The schedule: pure functions of (seed, iteration)
+
+
+@dataclass(frozen=True)
+class Draw:
+    bucket: int
+    t_star: int
+    head_ids: tuple[int, ...]  # sorted global ids of the active heads
+
+
+def sample_active(
+    layout: PoolLayout, seed: int, iteration: int, heads_per_slot: int, t_jitter: int = 0
+) -> Draw:
+    """The t* bucket and, in every slot of that bucket, ``heads_per_slot`` of its candidates."""
+    g = rng.keyed_generator(seed, iteration, rng.BUCKET)
+    bucket = int(torch.randint(len(layout.t_buckets), (1,), generator=g))
+    t_star = layout.t_buckets[bucket]
+    if t_jitter:
+        t_star += int(torch.randint(-t_jitter, t_jitter + 1, (1,), generator=g))
+        t_star = min(max(t_star, 0), 999)
+    g = rng.keyed_generator(seed, iteration, rng.ACTIVE)
+    ids = []
+    for s in layout.slots_of_bucket(bucket):
+        picks = torch.randperm(layout.candidates, generator=g)[:heads_per_slot]
+        ids.extend(s * layout.candidates + int(c) for c in picks)
+    return Draw(bucket, t_star, tuple(sorted(ids)))
+
+
+def refresh_ids(layout: PoolLayout, seed: int, iteration: int, rate: float) -> list[int]:
+    """Heads re-initialised after ``iteration``: each with probability ``rate``, keyed draw."""
+    if rate <= 0:
+        return []
+    u = torch.rand(layout.num_heads, generator=rng.keyed_generator(seed, iteration, rng.REFRESH))
+    return torch.nonzero(u < rate).flatten().tolist()
+
+
+def init_head_(head: Head, seed: int, iteration: int, head_id: int) -> None:
+    """Weights keyed by (seed, iteration, head id): same on any rank, after any restart."""
+    head.reset_parameters(rng.keyed_generator(seed, iteration, rng.HEAD_INIT, head_id))
+
+
+# ---------------------------------------------------------------------------------------------
+# Storage
+
+
+class HeadPool(torch.nn.Module):
+    """The heads one process owns, each with its own AdamW state.
+
+    One AdamW instance covers all owned heads; AdamW skips parameters without gradients, so only
+    the heads that were active step, and per-parameter state makes it one AdamW per head.
+    """
+
+    def __init__(
+        self, layout: PoolLayout, pool_cfg, seed: int, owned: list[int] | None = None
+    ) -> None:
+        super().__init__()
+        self.layout = layout
+        self.seed = seed
+        self.owned = sorted(range(layout.num_heads) if owned is None else owned)
+        self.heads = torch.nn.ModuleDict()
+        for hid in self.owned:
+            head = layout.build_head(hid)
+            init_head_(head, seed, INITIAL_ITERATION, hid)
+            self.heads[str(hid)] = head
+        self.optimizer = torch.optim.AdamW(
+            self.heads.parameters() if self.owned else [torch.nn.Parameter(torch.zeros(1))],
+            lr=pool_cfg.lr,
+            betas=tuple(pool_cfg.betas),
+            weight_decay=pool_cfg.weight_decay,
+        )
+
+    def head(self, head_id: int) -> Head:
+        return self.heads[str(head_id)]
+
+    def active(self, head_ids: tuple[int, ...] | list[int]) -> dict[int, Head]:
+        return {h: self.head(h) for h in head_ids if str(h) in self.heads}
+
+    def step(self) -> None:
+        """AdamW step on heads that have gradients, then clear them."""
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def refresh(self, head_ids: list[int], iteration: int) -> list[int]:
+        """Re-initialise owned heads among ``head_ids`` and reset their optimizer state."""
+        done = []
+        for hid in head_ids:
+            if str(hid) not in self.heads:
+                continue
+            head = self.head(hid)
+            init_head_(head, self.seed, iteration, hid)
+            for p in head.parameters():
+                self.optimizer.state.pop(p, None)
+            done.append(hid)
+        return done
+
+    def numel(self) -> int:
+        """Parameters + optimizer-state elements held by this process (memory accounting)."""
+        n = sum(p.numel() for p in self.heads.parameters())
+        for state in self.optimizer.state.values():
+            n += sum(v.numel() for v in state.values() if torch.is_tensor(v) and v.ndim > 0)
+        return n

@@ -1,0 +1,88 @@
+"""Load a trained generator from a checkpoint and make images (1-4 steps, same weights).
+
+The same ``StudentDenoiser`` as training, configured from the checkpoint's ``scheduler/``
+(NitroLCMScheduler config: noise schedule + shift), weights from ``generator/`` (safetensors).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, UNet2DConditionModel
+
+from nitro_dist import checkpoint as ckpt
+from nitro_dist.config import Config, load_config
+from nitro_dist.models.builders import DIGITS_DIR, build_tiny_sdxl, load_text
+from nitro_dist.models.text import TextConditioner
+from nitro_dist.sampling import NitroLCMScheduler, StudentDenoiser, seeded_noise
+
+
+class Generator:
+    def __init__(
+        self,
+        unet: UNet2DConditionModel,
+        text: TextConditioner,
+        scheduler: NitroLCMScheduler,
+        vae: AutoencoderKL | None = None,
+        device: str | torch.device = "cpu",
+    ) -> None:
+        self.device = torch.device(device)
+        self.unet = unet.to(self.device).eval().requires_grad_(False)
+        self.text = text.to(self.device)
+        self.vae = vae.to(self.device) if vae is not None else None
+        c = scheduler.config
+        self.denoiser = StudentDenoiser(
+            dict(c), shift=c.shift, original_steps=c.original_inference_steps
+        )
+        size = self.unet.config.sample_size
+        self.sample_shape = (self.unet.config.in_channels, size, size)
+
+    @classmethod
+    def from_checkpoint(
+        cls, path: str | Path, device: str = "cpu", use_ema: bool = True
+    ) -> Generator:
+        path = ckpt.resolve(path)
+        cfg = (
+            load_config(str(path / "config.yaml")) if (path / "config.yaml").exists() else Config()
+        )
+        sub = "generator_ema" if use_ema and (path / "generator_ema").exists() else "generator"
+        unet = UNet2DConditionModel.from_pretrained(path / sub, use_safetensors=True)
+        scheduler = NitroLCMScheduler.from_pretrained(path / "scheduler")
+        text, vae = _text_and_vae(cfg)
+        return cls(unet, text, scheduler, vae, device)
+
+    @torch.no_grad()
+    def __call__(self, prompts: list[str], seeds: list[int], steps: int = 1) -> torch.Tensor:
+        """Images in [-1, 1], N x C x H x W on CPU; the same (prompt, seed, steps) gives the same
+        pixels whatever else is in the batch (per-sample noise from the seed)."""
+        if len(prompts) != len(seeds):
+            raise ValueError("prompts and seeds must have the same length")
+        x_T = seeded_noise(seeds, self.sample_shape).to(self.device)
+        c, h, w = self.sample_shape
+        factor = 8 if self.vae is None else 2 ** (len(self.vae.config.block_out_channels) - 1)
+        cond = self.text.encode(prompts, (h * factor, w * factor)).to(self.device)
+        x0 = self.denoiser.sample(
+            self.unet,
+            x_T,
+            cond,
+            steps,
+            noise_fn=lambda k: seeded_noise(seeds, self.sample_shape, step=k).to(self.device),
+        )
+        if self.vae is not None:
+            x0 = self.vae.decode(x0 / self.vae.config.scaling_factor).sample
+        return x0.float().clamp(-1, 1).cpu()
+
+
+def _text_and_vae(cfg: Config) -> tuple[TextConditioner, AutoencoderKL | None]:
+    m = cfg.model
+    if m.source == "tiny_sdxl":
+        tiny = build_tiny_sdxl(cfg.seed, with_vae=m.use_vae)
+        return tiny.text, tiny.vae
+    root = DIGITS_DIR if m.source == "digits" else Path(m.teacher_path)
+    unet_cfg = UNet2DConditionModel.load_config(root / "unet")
+    text = load_text(root, sdxl=unet_cfg.get("addition_embed_type") == "text_time")
+    vae = None
+    if m.use_vae:
+        vae = AutoencoderKL.from_pretrained(root / "vae", use_safetensors=True).eval()
+    return text, vae

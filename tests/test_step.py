@@ -1,0 +1,78 @@
+import torch
+
+from nitro_dist.discriminator.backbone import backbone_features, level_shapes
+from nitro_dist.loop import build_run, train_step
+from nitro_dist.step import enabled_steps
+
+
+def test_sdxl_conditioning_path_on_tiny_sdxl_unet(tiny_models):
+    m = tiny_models
+    assert m.sdxl and m.teacher.config.addition_embed_type == "text_time"
+    cond = m.text.encode(["a red cube", ""], (128, 128))
+    assert cond.hidden_BLD.shape == (2, 77, 64)  # both encoders' penultimate states concatenated
+    assert cond.pooled_BD.shape == (2, 32) and cond.time_ids_B6.tolist()[0] == [
+        128,
+        128,
+        0,
+        0,
+        128,
+        128,
+    ]
+    x = torch.randn(2, *m.sample_shape)
+    out = m.student(x, torch.tensor([249, 249]), **cond.unet_kwargs()).sample
+    assert out.shape == x.shape
+    # the prompt really reaches the UNet through both the hidden states and the pooled embeds
+    other = m.text.encode(["a blue ball", "a dog"], (128, 128))
+    assert not torch.allclose(
+        out, m.student(x, torch.tensor([249, 249]), **other.unet_kwargs()).sample
+    )
+
+
+def test_backbone_has_ten_levels_like_sdxl(tiny_models):
+    m = tiny_models
+    cond = m.text.encode([""], (128, 128))
+    shapes = level_shapes(m.teacher, m.sample_shape, cond)
+    assert len(shapes) == 10  # conv_in + 3 + 3 + 2 down-block skips + mid, as SDXL
+    feats = backbone_features(m.teacher, torch.randn(1, *m.sample_shape), torch.tensor([10]), cond)
+    assert [tuple(f.shape[1:]) for f in feats] == shapes
+
+
+def test_refinement_schedule():
+    assert enabled_steps([0, 200, 400, 600], 0) == [1]
+    assert enabled_steps([0, 200, 400, 600], 450) == [1, 2, 3]
+    assert enabled_steps([0, 0, 0, 0], 0) == [1, 2, 3, 4]
+
+
+def test_iteration_changes_generator_and_only_active_heads(tiny_cfg):
+    cfg = tiny_cfg("pool.refresh_rate=0.0")
+    run = build_run(cfg, progress=False)
+    from nitro_dist.discriminator.pool import sample_active
+
+    draw = sample_active(run.layout, cfg.seed, 0, cfg.pool.heads_per_slot)
+    g_before = [p.detach().clone() for p in run.models.student.parameters()]
+    t_before = [p.detach().clone() for p in run.models.teacher.parameters()]
+    heads_before = {
+        h: [p.detach().clone() for p in run.pool.head(h).parameters()] for h in run.pool.owned
+    }
+    metrics = train_step(run, 0)
+    assert metrics["active_heads"] == len(draw.head_ids) > 0
+    assert any(
+        not torch.equal(a, b)
+        for a, b in zip(g_before, run.models.student.parameters(), strict=True)
+    )
+    assert all(
+        torch.equal(a, b) for a, b in zip(t_before, run.models.teacher.parameters(), strict=True)
+    )
+    for hid, before in heads_before.items():
+        changed = any(
+            not torch.equal(a, b)
+            for a, b in zip(before, run.pool.head(hid).parameters(), strict=True)
+        )
+        assert changed == (hid in draw.head_ids), hid
+
+
+def test_static_single_head_ablation(tiny_cfg):
+    cfg = tiny_cfg("pool.candidates=1", "pool.refresh_rate=0.0")
+    run = build_run(cfg, progress=False)
+    assert run.layout.num_heads == run.layout.num_slots
+    train_step(run, 0)
