@@ -113,6 +113,7 @@ class TrainConfig:
     num_threads: int = 0  # 0 = torch default
     log_every: int = 25
     sample_every: int = 250
+    grid_per_prompt: int = 8  # sample-grid columns: images per digit prompt
     eval_every: int = 0  # 0 = only at the end
     eval_images: int = 500
     checkpoint_every: int = 500
@@ -348,6 +349,7 @@ def validate(cfg: Config) -> None:
     need(tr.device in ("auto", "cpu", "cuda"), "train.device", "must be auto, cpu or cuda")
     for key in ("log_every", "sample_every", "eval_every", "checkpoint_every"):
         need(getattr(tr, key) >= 0, f"train.{key}", "must be >= 0")
+    need(tr.grid_per_prompt >= 1, "train.grid_per_prompt", "must be >= 1")
     need(tr.keep_checkpoints >= 1, "train.keep_checkpoints", "must be >= 1")
     need(tr.eval_images >= 10, "train.eval_images", "must be >= 10")
     if cfg.model.source == "diffusers":

@@ -291,12 +291,13 @@ def grid_prompts(n_per_prompt: int = 8) -> tuple[list[str], list[int]]:
 
 
 def save_sample_grids(run: Run, folder: Path, tag: str) -> list[Path]:
-    prompts, seeds = grid_prompts()
+    per = run.cfg.train.grid_per_prompt
+    prompts, seeds = grid_prompts(per)
     paths = []
     for n in (1, 2, 4):
         imgs = generate(run, generator_for_eval(run), prompts, seeds, n)
         scale = max(1, 64 // imgs.shape[-1])
-        paths.append(save_grid(imgs, 8, folder / f"{tag}_{n}step.png", scale=scale))
+        paths.append(save_grid(imgs, per, folder / f"{tag}_{n}step.png", scale=scale))
     return paths
 
 
