@@ -101,8 +101,11 @@ class OptimConfig:
 
 @dataclass(kw_only=True)
 class DataConfig:
-    source: Literal["digits"] = "digits"
-    resolution: int = 8
+    # "digits": the ten digit prompts with seeded noise; "shards": WebDataset prompt / teacher-pair
+    # shards at ``shards`` (local path or fsspec URL such as s3://bucket/pairs-{000000..000099}.tar)
+    source: Literal["digits", "shards"] = "digits"
+    shards: str = ""
+    resolution: int = 8  # image side in pixels (latent side x 8 with a VAE)
 
 
 @dataclass(kw_only=True)
@@ -355,6 +358,8 @@ def validate(cfg: Config) -> None:
     if cfg.model.source == "diffusers":
         need(bool(cfg.model.teacher_path), "model.teacher_path", "required for source=diffusers")
     need(cfg.data.resolution >= 8, "data.resolution", "must be >= 8")
+    if cfg.data.source == "shards":
+        need(bool(cfg.data.shards), "data.shards", "required for data.source=shards")
 
 
 def dump_yaml(cfg: Config) -> str:

@@ -100,6 +100,11 @@ def build_run(
     cfg: Config, *, rank: int = 0, owned_heads: list[int] | None = None, progress: bool = True
 ) -> Run:
     """Everything one process needs. ``owned_heads`` = the pool shard (None: all heads)."""
+    if cfg.data.source == "shards":
+        raise ValueError(
+            "data.source=shards: the WebDataset shard loader is not part of this version yet "
+            "(tracked in the data-at-scale issue); use data.source=digits"
+        )
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
     device = pick_device(cfg.train.device)
