@@ -113,6 +113,9 @@ class TrainConfig:
     iterations: int = 1000
     batch_size: int = 64
     device: str = "auto"  # auto | cpu | cuda
+    # bf16: frozen teacher/text encoders stored in bf16 and the step under bf16 autocast, G's
+    # master weights and optimizer state stay fp32 (GPU); fp32 everywhere on CPU.
+    precision: Literal["fp32", "bf16"] = "fp32"
     num_threads: int = 0  # 0 = torch default
     log_every: int = 25
     sample_every: int = 250

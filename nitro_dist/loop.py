@@ -65,7 +65,8 @@ class CondCache:
     def __call__(self, prompts: list[str]) -> Cond:
         missing = sorted({p for p in prompts if p not in self.table})
         if missing:
-            enc = self.models.text.encode(missing, self.image_hw).to(self.device)
+            # fp32 on the way out: autocast narrows it where the step runs in bf16
+            enc = self.models.text.encode(missing, self.image_hw).to(self.device, torch.float32)
             if len(self.table) + len(missing) > self.max_entries:
                 self.table.clear()
             for i, p in enumerate(missing):
@@ -97,9 +98,15 @@ def training_prompts(cfg: Config) -> PromptSet:
 
 
 def build_run(
-    cfg: Config, *, rank: int = 0, owned_heads: list[int] | None = None, progress: bool = True
+    cfg: Config,
+    *,
+    rank: int = 0,
+    owned_heads: list[int] | None = None,
+    progress: bool = True,
+    models: Models | None = None,
 ) -> Run:
-    """Everything one process needs. ``owned_heads`` = the pool shard (None: all heads)."""
+    """Everything one process needs. ``owned_heads`` = the pool shard (None: all heads);
+    ``models`` = prebuilt models (benchmarks), else built from ``cfg.model``."""
     if cfg.data.source == "shards":
         raise ValueError(
             "data.source=shards: the WebDataset shard loader is not part of this version yet "
@@ -108,9 +115,12 @@ def build_run(
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
     device = pick_device(cfg.train.device)
-    models = build_models(cfg.model, cfg.seed)
+    models = models if models is not None else build_models(cfg.model, cfg.seed)
     for m in (models.teacher, models.student, models.text):
         m.to(device)
+    if cfg.train.precision == "bf16":
+        models.teacher.to(torch.bfloat16)
+        models.text.to(torch.bfloat16)
     if models.vae is not None:
         models.vae.to(device)
     denoiser = StudentDenoiser(
@@ -176,8 +186,18 @@ def make_batch(run: Run, iteration: int, rank: int = 0, world_size: int = 1) -> 
     return S.Batch(x_T, x0, run.conds(prompts), run.conds([""] * len(prompts)))
 
 
+def autocast(run: Run):
+    bf16 = run.cfg.train.precision == "bf16"
+    return torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=bf16)
+
+
 def train_step(run: Run, iteration: int) -> dict[str, float]:
     """One iteration on one process: G turn, G update, D turn, head update, refresh."""
+    with autocast(run):
+        return _train_step(run, iteration)
+
+
+def _train_step(run: Run, iteration: int) -> dict[str, float]:
     cfg, pool = run.cfg, run.pool
     draw = sample_active(
         run.layout, cfg.seed, iteration, cfg.pool.heads_per_slot, cfg.pool.t_jitter
@@ -192,6 +212,7 @@ def train_step(run: Run, iteration: int) -> dict[str, float]:
         S.enabled_steps(cfg.refinement.enable_at, iteration),
         draw,
         run.layout,
+        run.device,
     )
     # G turn: heads frozen, gradients flow through the frozen backbone into x0_fake.
     for h in heads.values():

@@ -56,6 +56,7 @@ def draw_iteration_noise(
     steps: list[int],
     draw: Draw,
     layout: PoolLayout,
+    device: torch.device | str = "cpu",
 ) -> IterationNoise:
     g = rng.keyed_generator(seed, iteration, rng.NOISE, rank)
     b = shape_BCHW[0]
@@ -69,7 +70,8 @@ def draw_iteration_noise(
             h = layout.level_shapes[spec.level][1]
             top, left = torch.randint(h - spec.in_size + 1, (2,), generator=g).tolist()
             crops[hid] = (top, left)
-    return IterationNoise(k_B, renoise, eps, crops)
+    # drawn on the CPU (same numbers on any device), then moved next to the batch
+    return IterationNoise(k_B.to(device), renoise.to(device), eps.to(device), crops)
 
 
 @torch.no_grad()

@@ -72,4 +72,5 @@ def level_shapes(
     """(C, H, W) of every level for one sample of ``sample_shape`` (one probe forward)."""
     x = torch.zeros(1, *sample_shape, device=unet.device, dtype=unet.dtype)
     t = torch.zeros(1, dtype=torch.long, device=unet.device)
-    return [tuple(f.shape[1:]) for f in backbone_features(unet, x, t, cond.index(slice(0, 1)))]
+    one = cond.index(slice(0, 1)).to(unet.device, unet.dtype)
+    return [tuple(f.shape[1:]) for f in backbone_features(unet, x, t, one)]

@@ -38,13 +38,17 @@ class Head(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self, generator: torch.Generator) -> None:
-        """Fresh weights drawn from ``generator`` (PyTorch's default conv init, made keyed)."""
+        """Fresh weights drawn from ``generator`` (PyTorch's default conv init, made keyed).
+
+        Drawn on the CPU and copied, so a head gets the same weights on any device."""
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_uniform_(m.weight, a=math.sqrt(5), generator=generator)
-                fan_in = m.weight[0].numel()
-                bound = 1 / math.sqrt(fan_in)
-                nn.init.uniform_(m.bias, -bound, bound, generator=generator)
+                w = torch.empty(m.weight.shape)
+                nn.init.kaiming_uniform_(w, a=math.sqrt(5), generator=generator)
+                bound = 1 / math.sqrt(m.weight[0].numel())
+                b = torch.empty(m.bias.shape).uniform_(-bound, bound, generator=generator)
+                m.weight.copy_(w)
+                m.bias.copy_(b)
             elif isinstance(m, nn.GroupNorm):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)

@@ -118,22 +118,35 @@ def load_diffusers_folder(
     )
 
 
-def build_tiny_sdxl(seed: int = 0, *, with_vae: bool = False) -> Models:
-    """A tiny SDXL-architecture model with random weights (tests, dry runs)."""
+def build_sdxl_from_configs(
+    unet_cfg: dict[str, Any],
+    text_cfgs: list[dict[str, Any]],
+    vae_cfg: dict[str, Any] | None,
+    seed: int = 0,
+) -> Models:
+    """An SDXL-architecture model with random weights from configs (tests, benchmarks).
+
+    Build under ``with torch.device("cuda"):`` to initialise large ones on the GPU."""
     torch.manual_seed(seed)
-    teacher = freeze(UNet2DConditionModel(**tiny.TINY_SDXL_UNET))
+    teacher = freeze(UNet2DConditionModel(**unet_cfg))
     student = copy.deepcopy(teacher).requires_grad_(True).train()
-    enc1 = CLIPTextModel(CLIPTextConfig(**tiny.TINY_SDXL_TEXT_ENCODERS[0]))
-    enc2 = CLIPTextModelWithProjection(CLIPTextConfig(**tiny.TINY_SDXL_TEXT_ENCODERS[1]))
+    enc1 = CLIPTextModel(CLIPTextConfig(**text_cfgs[0]))
+    enc2 = CLIPTextModelWithProjection(CLIPTextConfig(**text_cfgs[1]))
     text = TextConditioner(
         [clip_tokenizer(77), clip_tokenizer(77, pad_token="!")],
         [freeze(enc1), freeze(enc2)],
         sdxl=True,
     )
-    vae = freeze(AutoencoderKL(**tiny.TINY_VAE)) if with_vae else None
+    vae = freeze(AutoencoderKL(**vae_cfg)) if vae_cfg is not None else None
     return Models(
         teacher, student, text, dict(tiny.SDXL_SCHEDULE), vae, _unet_sample_shape(teacher, vae)
     )
+
+
+def build_tiny_sdxl(seed: int = 0, *, with_vae: bool = False) -> Models:
+    """A tiny SDXL-architecture model with random weights (tests, dry runs)."""
+    vae = tiny.TINY_VAE if with_vae else None
+    return build_sdxl_from_configs(tiny.TINY_SDXL_UNET, tiny.TINY_SDXL_TEXT_ENCODERS, vae, seed)
 
 
 def build_models(model_cfg: Any, seed: int = 0) -> Models:
