@@ -31,6 +31,7 @@ def test_overrides_change_the_built_config():
     assert cfg.pool.kinds == ["global_cond"]
     assert cfg.teacher.scheduler_overrides["eta"] == 0.5
     assert cfg.teacher.scheduler_overrides["timestep_spacing"] == "trailing"  # merged, not replaced
+    assert load_config("digits", ["pool.lr=2e-3"]).pool.lr == 2e-3  # YAML 1.1 reads it as a str
 
 
 @pytest.mark.parametrize(

@@ -106,3 +106,24 @@ def test_head_numel_formula_matches_modules():
     lay, _ = layout(width=16, depth=2)
     for hid in (0, 37, 200, 479):
         assert lay.head_numel(hid) == sum(p.numel() for p in lay.build_head(hid).parameters())
+
+
+@pytest.mark.parametrize("side", [1, 2, 8])
+def test_a_head_learns_to_separate_real_from_fake(side):
+    """Guards the GroupNorm-on-1x1 trap: the D loss must fall well below its chance value 2."""
+    from nitro_dist.discriminator.heads import Head, head_scores
+    from nitro_dist.losses import d_loss
+
+    torch.manual_seed(0)
+    head = Head(16, side, 32, 2)
+    opt = torch.optim.AdamW(head.parameters(), lr=2e-3, betas=(0.0, 0.99))
+    real = torch.randn(64, 16, side, side) + 0.5
+    fake = torch.randn(64, 16, side, side) - 0.5
+    for _ in range(60):
+        loss = d_loss(
+            [head_scores(head, real, "global_cond")], [head_scores(head, fake, "global_cond")]
+        )
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 1.0

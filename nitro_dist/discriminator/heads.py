@@ -16,6 +16,15 @@ import torch
 from torch import nn
 
 
+def norm_groups(width: int) -> int:
+    """GroupNorm groups of >= 8 channels (at most 32 groups). Groups must span channels: heads
+    reach 1x1 maps, where a one-channel group would normalise every value to zero."""
+    groups = max(1, min(32, width // 8))
+    while width % groups:
+        groups -= 1
+    return groups
+
+
 class Head(nn.Module):
     def __init__(self, in_channels: int, in_size: int, width: int, depth: int) -> None:
         super().__init__()
@@ -27,7 +36,7 @@ class Head(nn.Module):
                 size //= 2
             else:
                 layers.append(nn.Conv2d(ch, width, 3, stride=1, padding=1))
-            layers += [nn.GroupNorm(math.gcd(32, width), width), nn.SiLU()]
+            layers += [nn.GroupNorm(norm_groups(width), width), nn.SiLU()]
             ch = width
         layers.append(nn.Conv2d(ch, 1, 1))
         self.net = nn.Sequential(*layers)
