@@ -438,7 +438,11 @@ def train(cfg: Config, run_dir: Path, resume: Path | None = None) -> dict[str, A
             )
         if cfg.train.sample_every and done % cfg.train.sample_every == 0:
             logger.images(done, save_sample_grids(run, run_dir / "samples", f"iter_{done:06d}"))
-        if cfg.train.eval_every and done % cfg.train.eval_every == 0:
+        if (
+            cfg.train.eval_every
+            and done % cfg.train.eval_every == 0
+            and done < cfg.train.iterations
+        ):
             logger.log(done, run.state["images_seen"], evaluate(run, cfg.train.eval_images))
         if cfg.train.checkpoint_every and done % cfg.train.checkpoint_every == 0:
             save_checkpoint(run, ck_root)
