@@ -9,6 +9,7 @@ SDXL_LEVELS = [(320, 128, 128)] * 4 + [(640, 64, 64)] * 3 + [(1280, 32, 32)] * 3
 
 
 def layout(**pool_overrides):
+    pool_overrides = {"candidates": 4, **pool_overrides}  # the paper's pool, not the digits one
     cfg = load_config("digits", [f"pool.{k}={v}" for k, v in pool_overrides.items()])
     return make_layout(cfg.pool, SDXL_LEVELS), cfg.pool
 
