@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -85,8 +86,12 @@ class Run:
     conds: CondCache
     train_set: PromptSet
     x0_offline: torch.Tensor | None  # N x C x H x W teacher x0 (offline mode)
-    pool: HeadPool | None = None
+    pool: HeadPool | None = None  # or a distributed.pool_sync.ShardedPool (same interface)
     g_opt: torch.optim.Optimizer | None = None
+    # Averages G's gradients over ranks (a DDP stand-in; DeepSpeed does it for its engine).
+    g_grad_sync: Callable[[torch.nn.Module], None] | None = None
+    rank: int = 0
+    world_size: int = 1
     ema: torch.nn.Module | None = None
     state: dict[str, Any] = field(default_factory=lambda: {"iteration": 0, "images_seen": 0})
 
@@ -192,23 +197,24 @@ def autocast(run: Run):
 
 
 def train_step(run: Run, iteration: int) -> dict[str, float]:
-    """One iteration on one process: G turn, G update, D turn, head update, refresh."""
+    """One iteration on this rank: G turn, G update, D turn, head update, refresh."""
     with autocast(run):
         return _train_step(run, iteration)
 
 
 def _train_step(run: Run, iteration: int) -> dict[str, float]:
-    cfg, pool = run.cfg, run.pool
+    cfg, pool, rank = run.cfg, run.pool, run.rank
     draw = sample_active(
         run.layout, cfg.seed, iteration, cfg.pool.heads_per_slot, cfg.pool.t_jitter
     )
-    heads = pool.active(draw.head_ids)
-    batch = make_batch(run, iteration)
+    heads = pool.gather_active(draw.head_ids)
+    batch = make_batch(run, iteration, rank, run.world_size)
+    b = batch.x_T.shape[0]
     noise = S.draw_iteration_noise(
         cfg.seed,
         iteration,
-        0,
-        tuple(batch.x_T.shape),
+        list(range(rank * b, (rank + 1) * b)),
+        tuple(batch.x_T.shape[1:]),
         S.enabled_steps(cfg.refinement.enable_at, iteration),
         draw,
         run.layout,
@@ -231,6 +237,8 @@ def _train_step(run: Run, iteration: int) -> dict[str, float]:
     )
     run.g_opt.zero_grad(set_to_none=True)
     (cfg.loss.g_weight * g.loss).backward()
+    if run.g_grad_sync is not None:
+        run.g_grad_sync(run.models.student)
     gnorm = torch.nn.utils.clip_grad_norm_(run.models.student.parameters(), cfg.optim.grad_clip)
     run.g_opt.step()
     if run.ema is not None:
@@ -248,7 +256,7 @@ def _train_step(run: Run, iteration: int) -> dict[str, float]:
             heads, run.layout, feats_real, g.feats_fake, noise, loss_type=cfg.loss.type
         )
         d.loss.backward()
-        pool.step()
+        pool.reduce_and_step(heads)
     refreshed = pool.refresh(
         refresh_ids(run.layout, cfg.seed, iteration, cfg.pool.refresh_rate), iteration
     )

@@ -13,7 +13,7 @@ import struct
 import torch
 
 # Stream tags: one per purpose, so two purposes never share a draw.
-BUCKET, ACTIVE, REFRESH, HEAD_INIT, NOISE, BATCH, CROP, STEP_K = range(1, 9)
+BUCKET, ACTIVE, REFRESH, HEAD_INIT, NOISE, BATCH, CROP, TEACHER = range(1, 9)
 
 
 def key_seed(*keys: int) -> int:

@@ -167,7 +167,7 @@ class TeacherSampler:
         x_T: torch.Tensor,
         cond: Cond,
         uncond: Cond | None = None,
-        generator: torch.Generator | None = None,
+        generator: torch.Generator | list[torch.Generator] | None = None,
         num_steps: int | None = None,
     ) -> torch.Tensor:
         """x0 from x_T. CFG when guidance_scale > 1 (needs ``uncond``, batched with cond)."""

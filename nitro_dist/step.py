@@ -51,18 +51,24 @@ def enabled_steps(enable_at: list[int], iteration: int) -> list[int]:
 def draw_iteration_noise(
     seed: int,
     iteration: int,
-    rank: int,
-    shape_BCHW: tuple[int, ...],
+    sample_ids: list[int],
+    sample_shape: tuple[int, ...],
     steps: list[int],
     draw: Draw,
     layout: PoolLayout,
     device: torch.device | str = "cpu",
 ) -> IterationNoise:
-    g = rng.keyed_generator(seed, iteration, rng.NOISE, rank)
-    b = shape_BCHW[0]
-    k_B = torch.tensor(steps)[torch.randint(len(steps), (b,), generator=g)]
-    renoise = torch.randn((max(steps) - 1, *shape_BCHW), generator=g)
-    eps = torch.randn(shape_BCHW, generator=g)
+    """Every random draw of one iteration. Per-sample draws are keyed by (seed, iteration,
+    position of the sample in the global batch): ranks get distinct noise, and a run on W ranks
+    draws exactly what a run on one rank draws for the same global batch. Crops are keyed by
+    (seed, iteration) alone: every rank uses the same crop for a head."""
+    ks, renoise, eps = [], [], []
+    for sid in sample_ids:
+        g = rng.keyed_generator(seed, iteration, rng.NOISE, sid)
+        ks.append(steps[int(torch.randint(len(steps), (1,), generator=g))])
+        renoise.append(torch.randn((max(steps) - 1, *sample_shape), generator=g))
+        eps.append(torch.randn(sample_shape, generator=g))
+    g = rng.keyed_generator(seed, iteration, rng.CROP)
     crops = {}
     for hid in draw.head_ids:
         spec = layout.spec(hid)
@@ -71,7 +77,12 @@ def draw_iteration_noise(
             top, left = torch.randint(h - spec.in_size + 1, (2,), generator=g).tolist()
             crops[hid] = (top, left)
     # drawn on the CPU (same numbers on any device), then moved next to the batch
-    return IterationNoise(k_B.to(device), renoise.to(device), eps.to(device), crops)
+    return IterationNoise(
+        torch.tensor(ks, device=device),
+        torch.stack(renoise, dim=1).to(device),
+        torch.stack(eps).to(device),
+        crops,
+    )
 
 
 @torch.no_grad()

@@ -78,8 +78,10 @@ def teacher_x0(
     x_T = seeded_noise(seeds.tolist(), sample_shape).to(device)
     cond = text.encode(prompts).to(device)
     uncond = text.encode([""] * len(prompts)).to(device) if sampler.guidance_scale > 1 else None
-    g = torch.Generator().manual_seed(int(seeds[0]))  # stochastic schedulers (LCM): keyed by batch
-    return sampler.sample(teacher, x_T, cond, uncond, generator=g)
+    # Stochastic schedulers (LCM) draw their step noise per sample from the sample's own seed, so a
+    # teacher x0 never depends on its batch-mates (diffusers' randn_tensor takes a generator list).
+    gens = [rng.keyed_generator(int(s), rng.TEACHER) for s in seeds]
+    return sampler.sample(teacher, x_T, cond, uncond, generator=gens)
 
 
 def precompute_pairs(

@@ -180,6 +180,13 @@ class HeadPool(torch.nn.Module):
     def active(self, head_ids: tuple[int, ...] | list[int]) -> dict[int, Head]:
         return {h: self.head(h) for h in head_ids if str(h) in self.heads}
 
+    def gather_active(self, head_ids: tuple[int, ...] | list[int]) -> dict[int, Head]:
+        """Same interface as the sharded pool: on one process the active heads are local."""
+        return self.active(head_ids)
+
+    def reduce_and_step(self, heads: dict[int, Head]) -> None:
+        self.step()
+
     def step(self) -> None:
         """AdamW step on heads that have gradients, then clear them."""
         self.optimizer.step()

@@ -1,0 +1,122 @@
+"""The sharded pool protocol on CPU with gloo: W=1 and W=2 from the same seed and global batch
+give the same generator and the same pool; each of 2 ranks holds about half the pool."""
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from safetensors.torch import load_file, save_file
+
+from nitro_dist.config import load_config
+from nitro_dist.discriminator.pool import sample_active
+from nitro_dist.distributed.pool_sync import ShardedPool
+from nitro_dist.loop import build_run, train_step
+
+OVERRIDES = ["train.batch_size=4", "pool.refresh_rate=0.2", "pool.candidates=2"]
+ITERS = 3
+
+
+def average_grads(model: torch.nn.Module) -> None:
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    if world == 1:
+        return
+    grads = [p.grad.flatten() for p in model.parameters() if p.grad is not None]
+    flat = torch.cat(grads)
+    dist.all_reduce(flat)
+    flat /= world
+    off = 0
+    for p in model.parameters():
+        if p.grad is not None:
+            p.grad.copy_(flat[off : off + p.numel()].view_as(p.grad))
+            off += p.numel()
+
+
+def run_rank(rank: int, world: int, out: str) -> dict:
+    torch.set_num_threads(1)
+    cfg = load_config("tiny", OVERRIDES)
+    run = build_run(cfg, rank=rank, owned_heads=[], progress=False)
+    run.rank, run.world_size, run.g_grad_sync = rank, world, average_grads
+    run.pool = ShardedPool(run.layout, cfg.pool, cfg.seed, rank, world)
+    for it in range(ITERS):
+        train_step(run, it)
+    heads = {
+        f"{h}.{n}": p.detach().clone()
+        for h in run.pool.local.owned
+        for n, p in run.pool.local.head(h).named_parameters()
+    }
+    save_file(heads, os.path.join(out, f"heads_w{world}_r{rank}.safetensors"))
+    if rank == 0:
+        save_file(
+            {k: v.contiguous() for k, v in run.models.student.state_dict().items()},
+            os.path.join(out, f"student_w{world}.safetensors"),
+        )
+    return {"numel": run.pool.numel(), "owned": len(run.pool.local.owned)}
+
+
+def _worker(rank: int, world: int, port: int, out: str) -> None:
+    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
+    )
+    try:
+        info = run_rank(rank, world, out)
+        torch.save(info, os.path.join(out, f"info_w{world}_r{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("sync"))
+    one = run_rank(0, 1, out)
+    mp.spawn(_worker, args=(2, free_port(), out), nprocs=2, join=True, start_method="spawn")
+    two = [torch.load(os.path.join(out, f"info_w2_r{r}.pt")) for r in range(2)]
+    return out, one, two
+
+
+def test_w1_and_w2_give_the_same_generator_and_pool(runs):
+    out, _, _ = runs
+    s1 = load_file(os.path.join(out, "student_w1.safetensors"))
+    s2 = load_file(os.path.join(out, "student_w2.safetensors"))
+    for k in s1:
+        torch.testing.assert_close(s1[k], s2[k], rtol=0, atol=2e-5)
+    h1 = load_file(os.path.join(out, "heads_w1_r0.safetensors"))
+    h2 = {
+        **load_file(os.path.join(out, "heads_w2_r0.safetensors")),
+        **load_file(os.path.join(out, "heads_w2_r1.safetensors")),
+    }
+    assert h1.keys() == h2.keys()  # every head owned exactly once across the two ranks
+    for k in h1:
+        torch.testing.assert_close(h1[k], h2[k], rtol=0, atol=2e-5)
+
+
+def test_each_of_two_ranks_holds_about_half_the_pool(runs):
+    _, one, two = runs
+    assert sum(t["owned"] for t in two) == one["owned"]
+    for t in two:
+        assert t["numel"] / one["numel"] <= 0.55
+
+
+def test_traffic_depends_on_active_heads_not_pool_size():
+    moved = []
+    for cand in (2, 4):
+        cfg = load_config("tiny", [f"pool.candidates={cand}"])
+        run = build_run(cfg, owned_heads=[], progress=False)
+        pool = ShardedPool(run.layout, cfg.pool, cfg.seed, 0, 1)
+        draw = sample_active(run.layout, cfg.seed, 0, 1)
+        heads = pool.gather_active(draw.head_ids)
+        for h in heads.values():
+            for p in h.parameters():
+                p.grad = torch.ones_like(p)
+        pool.reduce_and_step(heads)
+        moved.append(pool.bytes_moved)
+    assert moved[0] == moved[1] > 0
