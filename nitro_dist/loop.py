@@ -251,7 +251,11 @@ def _train_step(run: Run, iteration: int) -> dict[str, float]:
     feats_real = S.real_features(
         run.models.teacher, run.denoiser, heads, run.layout, batch, noise, draw
     )
-    for _ in range(cfg.optim.d_steps_per_g_step):
+    for i in range(cfg.optim.d_steps_per_g_step):
+        if i > 0:  # owners stepped: replicas of other ranks' heads must be fetched again
+            heads = pool.gather_active(draw.head_ids)
+            for h in heads.values():
+                h.requires_grad_(True)
         d = S.discriminator_turn(
             heads, run.layout, feats_real, g.feats_fake, noise, loss_type=cfg.loss.type
         )

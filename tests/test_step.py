@@ -76,3 +76,9 @@ def test_static_single_head_ablation(tiny_cfg):
     run = build_run(cfg, progress=False)
     assert run.layout.num_heads == run.layout.num_slots
     train_step(run, 0)
+
+
+def test_two_d_steps_per_g_step(tiny_cfg):
+    run = build_run(tiny_cfg("optim.d_steps_per_g_step=2"), progress=False)
+    m = train_step(run, 0)
+    assert m["d_loss"] > 0
