@@ -152,7 +152,6 @@ class GTurn:
     loss: torch.Tensor
     x0_fake: torch.Tensor  # detached
     feats_fake: tuple[list[torch.Tensor], list[torch.Tensor] | None]  # detached, reused by D
-    t_B: torch.Tensor
 
 
 def generator_turn(
@@ -186,7 +185,7 @@ def generator_turn(
     scores = judge(heads, layout, fc, fu, noise.crops)
     loss = losses.g_loss(scores, loss_type)
     detached = ([f.detach() for f in fc], None if fu is None else [f.detach() for f in fu])
-    return GTurn(loss, x0_fake.detach(), detached, t_B)
+    return GTurn(loss, x0_fake.detach(), detached)
 
 
 @dataclass

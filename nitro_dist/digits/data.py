@@ -12,20 +12,6 @@ DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "e
 PROMPTS = tuple(f"a handwritten digit {name}" for name in DIGIT_NAMES)
 
 
-def prompt_for(label: int) -> str:
-    return PROMPTS[label]
-
-
-def label_for(prompt: str) -> int | None:
-    """The digit a prompt asks for, or None when it names none."""
-    try:
-        return PROMPTS.index(prompt.strip().lower())
-    except ValueError:
-        words = prompt.lower().split()
-        hits = [i for i, n in enumerate(DIGIT_NAMES) if n in words]
-        return hits[0] if len(hits) == 1 else None
-
-
 @functools.cache
 def _load() -> tuple[np.ndarray, np.ndarray]:
     from sklearn.datasets import load_digits
@@ -41,9 +27,3 @@ def digits_dataset(resolution: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
     if resolution != 8:
         x = F.interpolate(x, size=(resolution, resolution), mode="bilinear", align_corners=False)
     return x.clamp(-1, 1), torch.from_numpy(labels)
-
-
-def to_uint8(images_NCHW: torch.Tensor) -> np.ndarray:
-    """[-1, 1] images -> uint8 HWC arrays (grey repeated to RGB where needed later)."""
-    x = ((images_NCHW.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    return x.permute(0, 2, 3, 1).cpu().numpy()

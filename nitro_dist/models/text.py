@@ -76,11 +76,6 @@ class TextConditioner(nn.Module):
     def max_length(self) -> int:
         return min(t.model_max_length for t in self.tokenizers)
 
-    def truncated(self, prompt: str) -> bool:
-        """True when ``prompt`` is longer than the encoder's context and would be cut."""
-        ids = self.tokenizers[0](prompt, truncation=False).input_ids
-        return len(ids) > self.tokenizers[0].model_max_length
-
     @torch.no_grad()
     def encode(self, prompts: list[str], image_hw: tuple[int, int] = (1024, 1024)) -> Cond:
         device = next(self.encoders.parameters()).device
