@@ -36,10 +36,6 @@ LATEST = "latest"
 # optimizer state <-> safetensors + json
 
 
-def _param_index(params: list[torch.nn.Parameter]) -> dict[int, int]:
-    return {id(p): i for i, p in enumerate(params)}
-
-
 def optimizer_tensors(
     opt: torch.optim.Optimizer, params: list[torch.nn.Parameter], prefix: str = ""
 ) -> dict[str, torch.Tensor]:
@@ -96,7 +92,7 @@ def load_optimizer(
 # pool
 
 
-def save_pool(pool: HeadPool, folder: Path, iteration: int) -> None:
+def save_pool(pool: HeadPool, folder: Path) -> None:
     """One file per owned head, named by global id, so any number of ranks can load it."""
     folder.mkdir(parents=True, exist_ok=True)
     for hid in pool.owned:

@@ -365,9 +365,8 @@ def save_checkpoint(run: Run, root: Path) -> Path:
         run.ema.save_pretrained(tmp / "generator_ema", safe_serialization=True)
     scheduler_for(run).save_pretrained(tmp / "scheduler")
     ckpt.save_optimizer(run.g_opt, list(run.models.student.parameters()), tmp / "optimizer")
-    pool = getattr(run.pool, "local", run.pool)  # a ShardedPool saves the heads it owns
-    ckpt.save_pool(pool, tmp / "pool", it)
-    ckpt.write_pool_manifest(pool, tmp / "pool", it)
+    ckpt.save_pool(run.pool.local, tmp / "pool")  # a sharded pool saves the heads it owns
+    ckpt.write_pool_manifest(run.pool.local, tmp / "pool", it)
     ckpt.write_json(
         tmp / "trainer_state.json", {**run.state, "seed": run.cfg.seed, "data_cursor": it}
     )
@@ -399,7 +398,7 @@ def load_checkpoint(run: Run, path: Path) -> None:
         ema = UNet2DConditionModel.from_pretrained(path / "generator_ema", use_safetensors=True)
         run.ema.load_state_dict(ema.state_dict())
     ckpt.load_optimizer(run.g_opt, list(run.models.student.parameters()), path / "optimizer")
-    ckpt.load_pool(getattr(run.pool, "local", run.pool), path / "pool")
+    ckpt.load_pool(run.pool.local, path / "pool")
     run.state = {"iteration": state["iteration"], "images_seen": state["images_seen"]}
 
 

@@ -180,6 +180,11 @@ class HeadPool(torch.nn.Module):
     def active(self, head_ids: tuple[int, ...] | list[int]) -> dict[int, Head]:
         return {h: self.head(h) for h in head_ids if str(h) in self.heads}
 
+    @property
+    def local(self) -> HeadPool:
+        """The heads this process owns (all of them here; a shard in ``ShardedPool``)."""
+        return self
+
     def gather_active(self, head_ids: tuple[int, ...] | list[int]) -> dict[int, Head]:
         """Same interface as the sharded pool: on one process the active heads are local."""
         return self.active(head_ids)

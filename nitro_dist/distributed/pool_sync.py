@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 
 from nitro_dist.discriminator.heads import Head
-from nitro_dist.discriminator.pool import HeadPool, PoolLayout, init_head_
+from nitro_dist.discriminator.pool import HeadPool, PoolLayout
 from nitro_dist.distributed.owners import owned_by, owner_map
 
 
@@ -111,9 +111,8 @@ class ShardedPool:
         spec = self.layout.spec(head_id)
         key = (spec.in_channels, spec.in_size)
         head = self._spare[key].pop() if self._spare[key] else None
-        if head is None:
+        if head is None:  # its weights come from the gathered buffer
             head = self.layout.build_head(head_id).to(self.device)
-            init_head_(head, 0, 0, 0)  # overwritten by the gathered weights
         self._replicas[head_id] = head
         return head
 
