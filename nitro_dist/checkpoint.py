@@ -2,18 +2,23 @@
 
 Layout (DESIGN.md §3)::
 
-    iter_000500/
+    iter_000500/             (Ray Train runs report their checkpoints under this name too)
       generator/           diffusers save_pretrained (safetensors): loads with
                            UNet2DConditionModel.from_pretrained
       generator_ema/       the same for the EMA weights, when EMA is on
       scheduler/           NitroLCMScheduler config (with the shift)
       optimizer/           G's optimizer state (safetensors + json)
       pool/                manifest.json + head_000123.safetensors (weights + AdamW state)
-      trainer_state.json   iteration, images seen, data cursor, seed
+      deepspeed/engine.json  DeepSpeed engine counters and ZeRO stage (when G ran under DeepSpeed)
+      ranks/rank_00000.json  one per rank that wrote its part (heads it owned): completeness
+      trainer_state.json   iteration, images seen, data cursor, seed, world size
       config.yaml          the resolved config
-    latest                 name of the newest complete checkpoint
+    latest                 name of the newest complete checkpoint (single-process runs; Ray runs
+                           are found by scanning for complete ``iter_*`` folders)
 
-Only safetensors and JSON/YAML are read back: no pickle is ever loaded.
+G's optimizer state is consolidated (full tensors per parameter) and heads are stored by global id,
+so a checkpoint resumes under any ZeRO stage and on any number of ranks. Only safetensors and
+JSON/YAML are read back: no pickle is ever loaded.
 """
 
 from __future__ import annotations
@@ -22,12 +27,16 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from nitro_dist.config import dump_yaml
 from nitro_dist.discriminator.pool import HeadPool
+
+if TYPE_CHECKING:
+    from nitro_dist.loop import Run
 
 LATEST = "latest"
 
@@ -104,6 +113,7 @@ def save_pool(pool: HeadPool, folder: Path) -> None:
 
 
 def write_pool_manifest(pool: HeadPool, folder: Path, iteration: int) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
     lay = pool.layout
     manifest = {
         "num_heads": lay.num_heads,
@@ -178,12 +188,95 @@ def commit(root: Path, tmp: Path, iteration: int, keep: int) -> Path:
 
 
 def latest(root: Path) -> Path | None:
-    """The newest complete checkpoint under ``root`` (a run's ``checkpoints/``), if any."""
+    """The newest complete checkpoint under ``root`` (a run's ``checkpoints/`` or a Ray Train
+    run folder), if any."""
     pointer = root / LATEST
-    if not pointer.exists():
-        return None
-    path = root / pointer.read_text().strip()
-    return path if path.is_dir() else None
+    if pointer.exists():
+        path = root / pointer.read_text().strip()
+        if path.is_dir():
+            return path
+    done = [p for p in root.glob("iter_*") if p.is_dir() and not missing_parts(p)]
+    return max(done, key=lambda p: p.name) if done else None
+
+
+def missing_parts(path: Path) -> list[str]:
+    """What a checkpoint folder lacks to be complete (empty list: complete)."""
+    state_file = path / "trainer_state.json"
+    if not state_file.exists():
+        return ["trainer_state.json"]
+    world = int(json.loads(state_file.read_text()).get("world_size", 1))
+    missing = [f"ranks/rank_{r:05d}.json" for r in range(world)]
+    return [m for m in missing if not (path / m).exists()] if (path / "ranks").exists() else []
+
+
+# ---------------------------------------------------------------------------------------------
+# a training run's checkpoint (every rank writes its part)
+
+
+def write_run_checkpoint(run: Run, folder: Path) -> None:
+    """This rank's part of a checkpoint into ``folder``. Every rank calls it: under ZeRO the
+    generator's weights and optimizer state are gathered (collective); rank 0 writes them, each
+    rank writes the heads it owns."""
+    from nitro_dist.evaluation import scheduler_for
+
+    it, lead = run.state["iteration"], run.rank == 0
+    weights = run.g.full_state_dict()
+    run.g.save(folder / "optimizer", write=lead)
+    if lead:
+        student = run.models.student
+        if getattr(run.g, "stage", 0) == 3:  # the module's own tensors are partitions
+            student = type(student).from_config(student.config)
+            student.load_state_dict(weights)
+        student.save_pretrained(folder / "generator", safe_serialization=True)
+        if run.ema is not None:
+            run.ema.save_pretrained(folder / "generator_ema", safe_serialization=True)
+        scheduler_for(run).save_pretrained(folder / "scheduler")
+        write_pool_manifest(run.pool.local, folder / "pool", it)
+        engine = run.g.engine_state()
+        if engine:
+            (folder / "deepspeed").mkdir(parents=True, exist_ok=True)
+            write_json(folder / "deepspeed" / "engine.json", engine)
+        write_json(
+            folder / "trainer_state.json",
+            {
+                **run.state,
+                "seed": run.cfg.seed,
+                "data_cursor": it,
+                "world_size": run.world_size,
+            },
+        )
+        (folder / "config.yaml").write_text(dump_yaml(run.cfg))
+    save_pool(run.pool.local, folder / "pool")
+    (folder / "ranks").mkdir(parents=True, exist_ok=True)
+    write_json(
+        folder / "ranks" / f"rank_{run.rank:05d}.json",
+        {"rank": run.rank, "world_size": run.world_size, "heads": list(run.pool.local.owned)},
+    )
+
+
+def load_run_weights(run: Run, path: Path) -> None:
+    """G, EMA and trainer state: before G is wrapped (DeepSpeed partitions what it is given)."""
+    from diffusers import UNet2DConditionModel
+
+    missing = missing_parts(path)
+    if missing:
+        raise ValueError(f"checkpoint {path} is incomplete: missing {', '.join(missing)}")
+    state = json.loads((path / "trainer_state.json").read_text())
+    loaded = UNet2DConditionModel.from_pretrained(path / "generator", use_safetensors=True)
+    run.models.student.load_state_dict(loaded.state_dict())
+    if run.ema is not None and (path / "generator_ema").exists():
+        ema = UNet2DConditionModel.from_pretrained(path / "generator_ema", use_safetensors=True)
+        run.ema.load_state_dict(ema.state_dict())
+    run.state = {"iteration": state["iteration"], "images_seen": state["images_seen"]}
+
+
+def load_run_states(run: Run, path: Path) -> None:
+    """The heads this rank owns and G's optimizer state: after the pool is sharded and G wrapped."""
+    load_pool(run.pool.local, path / "pool")
+    run.g.load(path / "optimizer")
+    engine = path / "deepspeed" / "engine.json"
+    if engine.exists():
+        run.g.load_engine_state(json.loads(engine.read_text()))
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:

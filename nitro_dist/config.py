@@ -124,6 +124,28 @@ class TrainConfig:
     eval_images: int = 500
     checkpoint_every: int = 500
     keep_checkpoints: int = 2
+    # Micro-batches per iteration: the local batch is split, G and head gradients accumulate.
+    grad_accum: int = 1
+
+
+@dataclass(kw_only=True)
+class DistributedConfig:
+    """How ``python -m nitro_dist.train`` runs on Ray Train (DeepSpeed ZeRO for G)."""
+
+    num_workers: int = 1
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0  # fractional is fine (2-core machines)
+    gpus_per_worker: float = 1.0  # only with use_gpu
+    resources_per_worker: dict[str, Any] = field(default_factory=dict)  # custom Ray resources
+    zero_stage: int = 0  # DeepSpeed ZeRO stage 0-3 for the generator
+    # Where checkpoints, metrics and samples go: a local folder (relative to the launching
+    # directory; must be shared by the nodes of a multi-node cluster) or s3://bucket/prefix.
+    storage_path: str = "runs"
+    max_failures: int = 0  # worker-group restarts Ray Train may do (from the last checkpoint)
+    # Fault injection (testing recovery): the worker of rank ``fail_rank`` exits abruptly when it
+    # reaches this iteration, once per run. -1 = off. Env NITRO_FAIL_AT=iteration[:rank] also works.
+    fail_at_iteration: int = -1
+    fail_rank: int = 0
 
 
 @dataclass(kw_only=True)
@@ -147,6 +169,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
 
@@ -363,6 +386,21 @@ def validate(cfg: Config) -> None:
     need(tr.grid_per_prompt >= 1, "train.grid_per_prompt", "must be >= 1")
     need(tr.keep_checkpoints >= 1, "train.keep_checkpoints", "must be >= 1")
     need(tr.eval_images >= 10, "train.eval_images", "must be >= 10")
+    need(tr.grad_accum >= 1, "train.grad_accum", "must be >= 1")
+    d = cfg.distributed
+    need(d.num_workers >= 1, "distributed.num_workers", "must be >= 1")
+    need(
+        tr.batch_size % (d.num_workers * tr.grad_accum) == 0,
+        "train.batch_size",
+        f"{tr.batch_size} must divide evenly over distributed.num_workers ({d.num_workers}) x "
+        f"train.grad_accum ({tr.grad_accum})",
+    )
+    need(d.zero_stage in (0, 1, 2, 3), "distributed.zero_stage", "must be 0, 1, 2 or 3")
+    need(d.cpus_per_worker > 0, "distributed.cpus_per_worker", "must be > 0")
+    need(d.gpus_per_worker > 0, "distributed.gpus_per_worker", "must be > 0")
+    need(d.max_failures >= -1, "distributed.max_failures", "must be >= 0 (or -1: unlimited)")
+    need(0 <= d.fail_rank < d.num_workers, "distributed.fail_rank", "must be a rank of this run")
+    need(bool(d.storage_path), "distributed.storage_path", "must not be empty")
     if cfg.model.source == "diffusers":
         need(bool(cfg.model.teacher_path), "model.teacher_path", "required for source=diffusers")
     need(cfg.data.resolution >= 8, "data.resolution", "must be >= 8")

@@ -1,15 +1,18 @@
-"""The single-process training loop: build everything from the config, iterate, checkpoint.
+"""The training loop: build everything from the config, iterate, log, checkpoint.
 
-Ray Train workers (``nitro_dist.distributed``) reuse ``build_run`` and the step functions;
-this module never imports ray or deepspeed, so the library runs without them.
+``train`` runs on one process (``LocalSession``) or as a Ray Train worker
+(``nitro_dist.distributed.ray_train.RaySession`` shards the pool and wraps G in DeepSpeed); this
+module never imports ray or deepspeed, so the library runs without them.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
+import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,13 +39,12 @@ from nitro_dist.discriminator.pool import (
     refresh_ids,
     sample_active,
 )
-from nitro_dist.images import save_grid
+from nitro_dist.evaluation import evaluate, generator_for_eval, save_sample_grids
 from nitro_dist.models.builders import Models, build_models
 from nitro_dist.models.text import Cond
-from nitro_dist.sampling import NitroLCMScheduler, StudentDenoiser, TeacherSampler, seeded_noise
+from nitro_dist.sampling import StudentDenoiser, TeacherSampler, seeded_noise
 
 TRAIN_SEED_OFFSET = 1_000_000  # training pairs use noise seeds offset + i
-EVAL_SEED_OFFSET = 10_000_000  # evaluation never reuses a training seed
 
 
 def pick_device(name: str) -> torch.device:
@@ -75,6 +77,59 @@ class CondCache:
         return Cond.cat([self.table[p] for p in prompts])
 
 
+class TorchUpdate:
+    """G's update on one process: plain AdamW, clipping, optional gradient averaging over ranks
+    (``grad_sync``). ``distributed.engine.DeepSpeedUpdate`` is the same interface under ZeRO."""
+
+    def __init__(
+        self,
+        student: torch.nn.Module,
+        cfg: Config,
+        grad_sync: Callable[[torch.nn.Module], None] | None = None,
+    ) -> None:
+        o = cfg.optim
+        self.student, self.grad_clip, self.accum = student, o.grad_clip, cfg.train.grad_accum
+        self.optimizer = torch.optim.AdamW(
+            student.parameters(), lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay
+        )
+        self.grad_sync = grad_sync
+
+    @property
+    def module(self) -> torch.nn.Module:
+        return self.student
+
+    def backward(self, loss: torch.Tensor) -> None:
+        (loss / self.accum).backward()
+
+    def step(self) -> float:
+        if self.grad_sync is not None:
+            self.grad_sync(self.student)
+        norm = torch.nn.utils.clip_grad_norm_(self.student.parameters(), self.grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(norm)
+
+    @contextlib.contextmanager
+    def full_params(self) -> Iterator[list[torch.nn.Parameter]]:
+        yield list(self.student.parameters())
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach() for k, v in self.student.state_dict().items()}
+
+    def save(self, folder: Path, write: bool) -> None:
+        if write:
+            ckpt.save_optimizer(self.optimizer, list(self.student.parameters()), folder)
+
+    def load(self, folder: Path) -> None:
+        ckpt.load_optimizer(self.optimizer, list(self.student.parameters()), folder)
+
+    def engine_state(self) -> dict[str, Any]:
+        return {}
+
+    def load_engine_state(self, state: dict[str, Any]) -> None:
+        pass
+
+
 @dataclass
 class Run:
     cfg: Config
@@ -87,9 +142,7 @@ class Run:
     train_set: PromptSet
     x0_offline: torch.Tensor | None  # N x C x H x W teacher x0 (offline mode)
     pool: HeadPool | None = None  # or a distributed.pool_sync.ShardedPool (same interface)
-    g_opt: torch.optim.Optimizer | None = None
-    # Averages G's gradients over ranks (a DDP stand-in; DeepSpeed does it for its engine).
-    g_grad_sync: Callable[[torch.nn.Module], None] | None = None
+    g: TorchUpdate | None = None  # or a distributed.engine.DeepSpeedUpdate (same interface)
     rank: int = 0
     world_size: int = 1
     ema: torch.nn.Module | None = None
@@ -160,11 +213,8 @@ def build_run(
         )
     run = Run(cfg, models, device, denoiser, teacher_sampler, layout, conds, train_set, x0)
     run.pool = HeadPool(layout, cfg.pool, cfg.seed, owned_heads).to(device)
-    o = cfg.optim
-    run.g_opt = torch.optim.AdamW(
-        run.models.student.parameters(), lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay
-    )
-    if o.ema_decay > 0:
+    run.g = TorchUpdate(models.student, cfg)
+    if cfg.optim.ema_decay > 0:
         run.ema = copy.deepcopy(models.student).requires_grad_(False).eval()
     return run
 
@@ -220,56 +270,71 @@ def _train_step(run: Run, iteration: int) -> dict[str, float]:
         run.layout,
         run.device,
     )
+    micro = micro_slices(b, cfg.train.grad_accum)
     # G turn: heads frozen, gradients flow through the frozen backbone into x0_fake.
     for h in heads.values():
         h.requires_grad_(False)
-    g = S.generator_turn(
-        run.models.student,
-        run.models.teacher,
-        run.denoiser,
-        heads,
-        run.layout,
-        batch,
-        noise,
-        draw,
-        loss_type=cfg.loss.type,
-        activation_checkpointing=cfg.model.gradient_checkpointing,
-    )
-    run.g_opt.zero_grad(set_to_none=True)
-    (cfg.loss.g_weight * g.loss).backward()
-    if run.g_grad_sync is not None:
-        run.g_grad_sync(run.models.student)
-    gnorm = torch.nn.utils.clip_grad_norm_(run.models.student.parameters(), cfg.optim.grad_clip)
-    run.g_opt.step()
+    g_loss, feats_fake = 0.0, []
+    for sl in micro:
+        g = S.generator_turn(
+            run.g.module,
+            run.models.teacher,
+            run.denoiser,
+            heads,
+            run.layout,
+            batch.slice(sl),
+            noise.slice(sl),
+            draw,
+            loss_type=cfg.loss.type,
+            activation_checkpointing=cfg.model.gradient_checkpointing,
+        )
+        run.g.backward(cfg.loss.g_weight * g.loss)
+        g_loss += g.loss.item() / len(micro)
+        feats_fake.append(g.feats_fake)
+    gnorm = run.g.step()
     if run.ema is not None:
-        with torch.no_grad():
-            for pe, p in zip(run.ema.parameters(), run.models.student.parameters(), strict=True):
+        with torch.no_grad(), run.g.full_params() as params:
+            for pe, p in zip(run.ema.parameters(), params, strict=True):
                 pe.lerp_(p, 1 - cfg.optim.ema_decay)
     # D turn: backbone under no_grad (features reused from the G turn for fakes).
     for h in heads.values():
         h.requires_grad_(True)
-    feats_real = S.real_features(
-        run.models.teacher, run.denoiser, heads, run.layout, batch, noise, draw
-    )
+    feats_real = [
+        S.real_features(
+            run.models.teacher,
+            run.denoiser,
+            heads,
+            run.layout,
+            batch.slice(sl),
+            noise.slice(sl),
+            draw,
+        )
+        for sl in micro
+    ]
     for i in range(cfg.optim.d_steps_per_g_step):
         if i > 0:  # owners stepped: replicas of other ranks' heads must be fetched again
             heads = pool.gather_active(draw.head_ids)
             for h in heads.values():
                 h.requires_grad_(True)
-        d = S.discriminator_turn(
-            heads, run.layout, feats_real, g.feats_fake, noise, loss_type=cfg.loss.type
-        )
-        d.loss.backward()
+        d_loss = acc_real = acc_fake = 0.0
+        for sl, fr, ff in zip(micro, feats_real, feats_fake, strict=True):
+            d = S.discriminator_turn(
+                heads, run.layout, fr, ff, noise.slice(sl), loss_type=cfg.loss.type
+            )
+            (d.loss / len(micro)).backward()
+            d_loss += d.loss.item() / len(micro)
+            acc_real += d.acc_real / len(micro)
+            acc_fake += d.acc_fake / len(micro)
         pool.reduce_and_step(heads)
     refreshed = pool.refresh(
         refresh_ids(run.layout, cfg.seed, iteration, cfg.pool.refresh_rate), iteration
     )
     return {
-        "g_loss": g.loss.item(),
-        "d_loss": d.loss.item(),
-        "d_acc_real": d.acc_real,
-        "d_acc_fake": d.acc_fake,
-        "g_grad_norm": float(gnorm),
+        "g_loss": g_loss,
+        "d_loss": d_loss,
+        "d_acc_real": acc_real,
+        "d_acc_fake": acc_fake,
+        "g_grad_norm": gnorm,
         "t_star": draw.t_star,
         "active_heads": len(draw.head_ids),
         "refreshed_heads": len(refreshed),
@@ -277,197 +342,165 @@ def _train_step(run: Run, iteration: int) -> dict[str, float]:
     }
 
 
-# ---------------------------------------------------------------------------------------------
-# sampling, evaluation, checkpoints
-
-
-def generator_for_eval(run: Run) -> torch.nn.Module:
-    return run.ema if run.ema is not None else run.models.student
-
-
-@torch.no_grad()
-def generate(
-    run: Run,
-    unet: torch.nn.Module,
-    prompts: list[str],
-    seeds: list[int],
-    num_steps: int,
-    batch_size: int = 256,
-) -> torch.Tensor:
-    """Student images for (prompt, seed) pairs; same seed -> same image (per-sample noise)."""
-    was_training = unet.training
-    unet.eval()
-    out = []
-    for s in range(0, len(prompts), batch_size):
-        sd = seeds[s : s + batch_size]
-        x_T = seeded_noise(sd, run.models.sample_shape).to(run.device)
-        cond = run.conds(prompts[s : s + batch_size])
-        x0 = run.denoiser.sample(
-            unet,
-            x_T,
-            cond,
-            num_steps,
-            noise_fn=lambda k, sd=sd: seeded_noise(sd, run.models.sample_shape, step=k),
-        )
-        out.append(decode(run, x0).cpu())
-    unet.train(was_training)
-    return torch.cat(out)
-
-
-@torch.no_grad()
-def decode(run: Run, x0: torch.Tensor) -> torch.Tensor:
-    """Latents -> images in [-1, 1] (identity for pixel-space tasks)."""
-    vae = run.models.vae
-    if vae is None:
-        return x0.float().clamp(-1, 1)
-    return vae.decode(x0.to(vae.dtype) / vae.config.scaling_factor).sample.float().clamp(-1, 1)
-
-
-def grid_prompts(n_per_prompt: int = 8) -> tuple[list[str], list[int]]:
-    prompts = [p for p in PROMPTS for _ in range(n_per_prompt)]
-    return prompts, [EVAL_SEED_OFFSET + i for i in range(len(prompts))]
-
-
-def save_sample_grids(run: Run, folder: Path, tag: str) -> list[Path]:
-    per = run.cfg.train.grid_per_prompt
-    prompts, seeds = grid_prompts(per)
-    paths = []
-    for n in (1, 2, 4):
-        imgs = generate(run, generator_for_eval(run), prompts, seeds, n)
-        scale = max(1, 64 // imgs.shape[-1])
-        paths.append(save_grid(imgs, per, folder / f"{tag}_{n}step.png", scale=scale))
-    return paths
-
-
-def evaluate(run: Run, num_images: int) -> dict[str, float]:
-    """FID-digits and alignment of the student at 1/2/4 steps (digits-shaped tasks only)."""
-    if run.models.sample_shape != (1, 8, 8):
-        return {}
-    from nitro_dist.digits.metric import DigitsEvaluator
-
-    ev = DigitsEvaluator()
-    labels = torch.arange(num_images) % 10
-    prompts = [PROMPTS[int(y)] for y in labels]
-    seeds = [EVAL_SEED_OFFSET + i for i in range(num_images)]
-    out = {}
-    for n in (1, 2, 4):
-        res = ev.evaluate(generate(run, generator_for_eval(run), prompts, seeds, n), labels)
-        out[f"fid_digits_{n}step"] = res["fid_digits"]
-        out[f"alignment_{n}step"] = res["alignment"]
-    return out
-
-
-def save_checkpoint(run: Run, root: Path) -> Path:
-    it = run.state["iteration"]
-    tmp = ckpt.begin(root, it)
-    run.models.student.save_pretrained(tmp / "generator", safe_serialization=True)
-    if run.ema is not None:
-        run.ema.save_pretrained(tmp / "generator_ema", safe_serialization=True)
-    scheduler_for(run).save_pretrained(tmp / "scheduler")
-    ckpt.save_optimizer(run.g_opt, list(run.models.student.parameters()), tmp / "optimizer")
-    ckpt.save_pool(run.pool.local, tmp / "pool")  # a sharded pool saves the heads it owns
-    ckpt.write_pool_manifest(run.pool.local, tmp / "pool", it)
-    ckpt.write_json(
-        tmp / "trainer_state.json", {**run.state, "seed": run.cfg.seed, "data_cursor": it}
-    )
-    (tmp / "config.yaml").write_text(dump_yaml(run.cfg))
-    return ckpt.commit(root, tmp, it, run.cfg.train.keep_checkpoints)
-
-
-def scheduler_for(run: Run) -> NitroLCMScheduler:
-    s = run.models.schedule
-    return NitroLCMScheduler(
-        num_train_timesteps=int(s.get("num_train_timesteps", 1000)),
-        beta_start=float(s.get("beta_start", 0.00085)),
-        beta_end=float(s.get("beta_end", 0.012)),
-        beta_schedule=s.get("beta_schedule", "scaled_linear"),
-        prediction_type=s.get("prediction_type", "epsilon"),
-        shift=run.cfg.sampler.shift,
-        original_inference_steps=run.cfg.sampler.original_inference_steps,
-    )
-
-
-def load_checkpoint(run: Run, path: Path) -> None:
-    """Restore G, its optimizer, EMA, the (owned) pool heads and the trainer state."""
-    from diffusers import UNet2DConditionModel
-
-    state = json.loads((path / "trainer_state.json").read_text())
-    loaded = UNet2DConditionModel.from_pretrained(path / "generator", use_safetensors=True)
-    run.models.student.load_state_dict(loaded.state_dict())
-    if run.ema is not None and (path / "generator_ema").exists():
-        ema = UNet2DConditionModel.from_pretrained(path / "generator_ema", use_safetensors=True)
-        run.ema.load_state_dict(ema.state_dict())
-    ckpt.load_optimizer(run.g_opt, list(run.models.student.parameters()), path / "optimizer")
-    ckpt.load_pool(run.pool.local, path / "pool")
-    run.state = {"iteration": state["iteration"], "images_seen": state["images_seen"]}
+def micro_slices(batch: int, n: int) -> list[slice]:
+    """``n`` equal micro-batches (config validation guarantees divisibility)."""
+    assert batch % n == 0, (batch, n)
+    m = batch // n
+    return [slice(i * m, (i + 1) * m) for i in range(n)]
 
 
 # ---------------------------------------------------------------------------------------------
 # the loop
 
 
-def train(cfg: Config, run_dir: Path, resume: Path | None = None) -> dict[str, Any]:
-    """Train on one process; returns the final metrics. Writes into ``run_dir``:
-    config.yaml, metrics.jsonl, samples/*.png, checkpoints/ (with ``latest``), final_metrics.json.
+class LocalSession:
+    """One process: checkpoints committed into ``run_dir/checkpoints`` with a ``latest`` pointer.
+
+    ``distributed.ray_train.RaySession`` is the same interface for Ray Train workers: it shards
+    the pool, wraps G in DeepSpeed and reports checkpoints to Ray Train.
     """
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(dump_yaml(cfg))
-    progress = cfg.logging.progress
-    run = build_run(cfg, progress=progress)
-    ck_root = run_dir / "checkpoints"
-    resume = resume if resume is not None else ckpt.latest(ck_root)
-    if resume is not None:
-        load_checkpoint(run, resume)
-        print(f"resumed from {resume} at iteration {run.state['iteration']}", flush=True)
-    logger = MetricsLogger(run_dir, cfg)
-    if run.state["iteration"] == 0:
-        save_sample_grids(run, run_dir / "samples", "iter_000000")
+
+    rank, world_size = 0, 1
+
+    def __init__(self, run_dir: Path, keep: int) -> None:
+        self.run_dir, self.root, self.keep = run_dir, run_dir / "checkpoints", keep
+
+    @contextlib.contextmanager
+    def restore(self, resume: Path | None) -> Iterator[Path | None]:
+        yield resume if resume is not None else ckpt.latest(self.root)
+
+    def parallelize(self, run: Run) -> None:
+        pass  # the pool and G as build_run made them
+
+    def check_fault(self, iteration: int) -> None:
+        pass
+
+    def reduce(self, metrics: dict[str, float]) -> dict[str, float]:
+        return metrics
+
+    def report(self, metrics: dict[str, Any]) -> None:
+        pass
+
+    def save(self, run: Run, metrics: dict[str, Any]) -> Path:
+        it = run.state["iteration"]
+        tmp = ckpt.begin(self.root, it)
+        ckpt.write_run_checkpoint(run, tmp)
+        return ckpt.commit(self.root, tmp, it, self.keep)
+
+    def has_checkpoint(self, iteration: int) -> bool:
+        found = ckpt.latest(self.root)
+        return found is not None and found.name == ckpt.checkpoint_name(iteration)
+
+    def sync(self) -> None:
+        pass  # run files are written in place
+
+
+def train(
+    cfg: Config, run_dir: Path, resume: Path | None = None, session: Any = None
+) -> dict[str, Any]:
+    """Train; returns the final metrics. Rank 0 writes into ``run_dir``: config.yaml,
+    metrics.jsonl, samples/*.png, final_metrics.json (and, single-process, checkpoints/).
+    ``session`` = how this process takes part (default: ``LocalSession``, one process)."""
+    session = session if session is not None else LocalSession(run_dir, cfg.train.keep_checkpoints)
+    rank, world = session.rank, session.world_size
+    lead = rank == 0
+    progress = cfg.logging.progress and lead
+    if lead:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(dump_yaml(cfg))
+    run = build_run(cfg, rank=rank, owned_heads=None if world == 1 else [], progress=progress)
+    run.rank, run.world_size = rank, world
+    with session.restore(resume) as path:
+        if path is not None:
+            ckpt.load_run_weights(run, path)  # before DeepSpeed partitions G
+        session.parallelize(run)
+        if path is not None:
+            ckpt.load_run_states(run, path)
+            if lead:
+                print(f"resumed from {path} at iteration {run.state['iteration']}", flush=True)
+    logger = MetricsLogger(run_dir, cfg) if lead else None
+    tr = cfg.train
+    if run.state["iteration"] == 0 and tr.sample_every:
+        unet = generator_for_eval(run)
+        if lead:
+            save_sample_grids(run, run_dir / "samples", "iter_000000", unet)
     bar = tqdm(
-        range(run.state["iteration"], cfg.train.iterations),
+        range(run.state["iteration"], tr.iterations),
         desc="distill",
         unit="it",
         initial=run.state["iteration"],
-        total=cfg.train.iterations,
-        disable=not progress,
+        total=tr.iterations,
+        disable=not (progress and sys.stderr.isatty()),
     )
     t_last, n_last = time.time(), run.state["images_seen"]
     for it in bar:
+        session.check_fault(it)
         metrics = train_step(run, it)
-        run.state = {
-            "iteration": it + 1,
-            "images_seen": run.state["images_seen"] + cfg.train.batch_size,
-        }
-        done = it + 1
-        if cfg.train.log_every and done % cfg.train.log_every == 0:
+        run.state = {"iteration": it + 1, "images_seen": run.state["images_seen"] + tr.batch_size}
+        done, seen = it + 1, run.state["images_seen"]
+        report: dict[str, Any] = {}
+        if tr.log_every and done % tr.log_every == 0:
+            metrics = session.reduce(metrics)
             now = time.time()
-            metrics["images_per_s"] = (run.state["images_seen"] - n_last) / max(now - t_last, 1e-9)
-            t_last, n_last = now, run.state["images_seen"]
-            logger.log(done, run.state["images_seen"], metrics)
-            bar.set_postfix(
-                g=f"{metrics['g_loss']:.3f}",
-                d=f"{metrics['d_loss']:.3f}",
-                acc=f"{metrics['d_acc_real']:.2f}/{metrics['d_acc_fake']:.2f}",
-            )
-        if cfg.train.sample_every and done % cfg.train.sample_every == 0:
-            logger.images(done, save_sample_grids(run, run_dir / "samples", f"iter_{done:06d}"))
-        if (
-            cfg.train.eval_every
-            and done % cfg.train.eval_every == 0
-            and done < cfg.train.iterations
-        ):
-            logger.log(done, run.state["images_seen"], evaluate(run, cfg.train.eval_images))
-        if cfg.train.checkpoint_every and done % cfg.train.checkpoint_every == 0:
-            save_checkpoint(run, ck_root)
-    final_dir = save_checkpoint(run, ck_root)
-    grids = save_sample_grids(run, run_dir / "samples", "final")
-    logger.images(run.state["iteration"], grids)
-    final = {"iteration": run.state["iteration"], "images_seen": run.state["images_seen"]}
-    final.update(evaluate(run, cfg.train.eval_images))
-    logger.log(run.state["iteration"], run.state["images_seen"], final)
-    (run_dir / "final_metrics.json").write_text(json.dumps(final, indent=2))
-    logger.close()
-    final["checkpoint"] = str(final_dir)
+            metrics["images_per_s"] = (seen - n_last) / max(now - t_last, 1e-9)
+            t_last, n_last = now, seen
+            report.update(metrics)
+            if lead:
+                logger.log(done, seen, metrics)
+                bar.set_postfix(
+                    g=f"{metrics['g_loss']:.3f}",
+                    d=f"{metrics['d_loss']:.3f}",
+                    acc=f"{metrics['d_acc_real']:.2f}/{metrics['d_acc_fake']:.2f}",
+                )
+                if progress and bar.disable:  # job logs: one line per log interval
+                    print(progress_line(done, tr.iterations, metrics), flush=True)
+        if tr.sample_every and done % tr.sample_every == 0:
+            unet = generator_for_eval(run)
+            if lead:
+                logger.images(
+                    done, save_sample_grids(run, run_dir / "samples", f"iter_{done:06d}", unet)
+                )
+        if tr.eval_every and done % tr.eval_every == 0 and done < tr.iterations:
+            unet = generator_for_eval(run)
+            if lead:
+                ev = evaluate(run, tr.eval_images, unet)
+                logger.log(done, seen, ev)
+                report.update(ev)
+        if tr.checkpoint_every and done % tr.checkpoint_every == 0 and done < tr.iterations:
+            session.save(run, {"iteration": done, "images_seen": seen, **report})
+            session.sync()
+        elif report:
+            session.report({"iteration": done, "images_seen": seen, **report})
+    unet = generator_for_eval(run)
+    final: dict[str, Any] = {
+        "iteration": run.state["iteration"],
+        "images_seen": run.state["images_seen"],
+    }
+    if lead:
+        logger.images(
+            run.state["iteration"], save_sample_grids(run, run_dir / "samples", "final", unet)
+        )
+        final.update(evaluate(run, tr.eval_images, unet))
+        logger.log(run.state["iteration"], run.state["images_seen"], final)
+        (run_dir / "final_metrics.json").write_text(json.dumps(final, indent=2))
+        logger.close()
+    if not session.has_checkpoint(run.state["iteration"]):  # a rerun of a finished run: no
+        final_dir = session.save(run, final)
+    else:
+        final_dir = None
+        session.report(final)
+    session.sync()
+    if final_dir is not None:
+        final["checkpoint"] = str(final_dir)
     return final
+
+
+def progress_line(done: int, total: int, m: dict[str, float]) -> str:
+    return (
+        f"[iteration {done}/{total}] g_loss={m['g_loss']:.4f} d_loss={m['d_loss']:.4f} "
+        f"d_acc={m['d_acc_real']:.2f}/{m['d_acc_fake']:.2f} t*={m['t_star']} "
+        f"refreshed={m['refreshed_heads']} images/s={m['images_per_s']:.1f}"
+    )
 
 
 class MetricsLogger:

@@ -32,6 +32,10 @@ class Batch:
     cond: Cond
     uncond: Cond  # empty-prompt conditioning, batch-sized (local_uncond heads)
 
+    def slice(self, sl: slice) -> Batch:
+        """A micro-batch (gradient accumulation)."""
+        return Batch(self.x_T[sl], self.x0_real[sl], self.cond.index(sl), self.uncond.index(sl))
+
 
 @dataclass
 class IterationNoise:
@@ -41,6 +45,12 @@ class IterationNoise:
     renoise_KBCHW: torch.Tensor  # fresh noise for the backward simulation, one per earlier step
     eps_BCHW: torch.Tensor  # the same epsilon re-noises real and fake to t*
     crops: dict[int, tuple[int, int]] = field(default_factory=dict)  # head id -> (top, left)
+
+    def slice(self, sl: slice) -> IterationNoise:
+        """The draws of a micro-batch's samples (crops are per head, shared)."""
+        return IterationNoise(
+            self.k_B[sl], self.renoise_KBCHW[:, sl], self.eps_BCHW[sl], self.crops
+        )
 
 
 def enabled_steps(enable_at: list[int], iteration: int) -> list[int]:

@@ -7,7 +7,8 @@ from nitro_dist.config import load_config
 from nitro_dist.data.pairs import teacher_x0
 from nitro_dist.digits.data import PROMPTS
 from nitro_dist.digits.metric import DigitsEvaluator
-from nitro_dist.loop import EVAL_SEED_OFFSET, build_run, generate, train_step
+from nitro_dist.evaluation import EVAL_SEED_OFFSET, generate
+from nitro_dist.loop import build_run, train_step
 from nitro_dist.sampling import TeacherSampler
 
 

@@ -3,7 +3,8 @@
 import torch
 from diffusers import DDPMScheduler
 
-from nitro_dist.loop import build_run, generate, train_step
+from nitro_dist.evaluation import generate
+from nitro_dist.loop import build_run, train_step
 from nitro_dist.models import tiny
 from nitro_dist.models.builders import build_tiny_sdxl, load_diffusers_folder
 from nitro_dist.models.tokenizer import clip_tokenizer

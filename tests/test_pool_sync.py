@@ -38,7 +38,7 @@ def run_rank(rank: int, world: int, out: str) -> dict:
     torch.set_num_threads(1)
     cfg = load_config("tiny", OVERRIDES)
     run = build_run(cfg, rank=rank, owned_heads=[], progress=False)
-    run.rank, run.world_size, run.g_grad_sync = rank, world, average_grads
+    run.rank, run.world_size, run.g.grad_sync = rank, world, average_grads
     run.pool = ShardedPool(run.layout, cfg.pool, cfg.seed, rank, world)
     for it in range(ITERS):
         train_step(run, it)

@@ -1,0 +1,206 @@
+"""The generator under DeepSpeed ZeRO (stage 0-3), applied from outside the model.
+
+``DeepSpeedUpdate`` has the interface of ``loop.TorchUpdate`` (what the G turn calls, backward,
+step, full weights, optimizer state), so the iteration reads the same with or without DeepSpeed.
+
+Checkpoints hold G's optimizer state *consolidated*: one fp32 tensor per parameter and state key,
+in parameter order, as safetensors (no pickle; the same format the single-process path writes).
+That makes the state independent of the ZeRO stage and of the number of ranks, which is what
+elastic resume needs; DeepSpeed's own ``save_checkpoint`` would pickle partitioned state.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import deepspeed
+import torch
+from deepspeed.utils import (
+    safe_get_full_fp32_param,
+    safe_get_full_optimizer_state,
+    safe_set_full_optimizer_state,
+)
+
+from nitro_dist import checkpoint as ckpt
+from nitro_dist.config import Config
+
+ADAM_KEYS = ("exp_avg", "exp_avg_sq")
+
+
+def deepspeed_config(cfg: Config, world_size: int, bf16: bool) -> dict[str, Any]:
+    tr = cfg.train
+    micro = tr.batch_size // (world_size * tr.grad_accum)
+    return {
+        "train_batch_size": tr.batch_size,
+        "train_micro_batch_size_per_gpu": micro,
+        "gradient_accumulation_steps": tr.grad_accum,
+        "gradient_clipping": cfg.optim.grad_clip,
+        "zero_optimization": {"stage": cfg.distributed.zero_stage},
+        # bf16 on GPU: DeepSpeed keeps fp32 master weights; fp32 everywhere on CPU
+        "bf16": {"enabled": bf16},
+        "fp16": {"enabled": False},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+
+
+class DeepSpeedUpdate:
+    """G wrapped in a DeepSpeed engine with a plain torch AdamW (no compiled DeepSpeed ops)."""
+
+    def __init__(self, student: torch.nn.Module, cfg: Config, world_size: int) -> None:
+        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+        o = cfg.optim
+        opt = torch.optim.AdamW(
+            student.parameters(), lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay
+        )
+        bf16 = cfg.train.precision == "bf16" and torch.cuda.is_available()
+        self.engine, self.optimizer, _, _ = deepspeed.initialize(
+            model=student, optimizer=opt, config=deepspeed_config(cfg, world_size, bf16)
+        )
+        self.stage = cfg.distributed.zero_stage
+        self.accum = cfg.train.grad_accum
+        self.student = student
+        self._pending = 0
+
+    @property
+    def module(self) -> torch.nn.Module:
+        """What the G turn calls (the engine forwards to the UNet)."""
+        return self.engine
+
+    # -- one iteration ----------------------------------------------------------------------
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.engine.backward(loss)  # scales by 1/grad_accum itself
+        self._pending += 1
+        if self._pending < self.accum:
+            self.engine.step()  # not a boundary: only advances DeepSpeed's micro-step counter
+
+    def step(self) -> float:
+        assert self._pending == self.accum, "step() after exactly grad_accum backward() calls"
+        self.engine.step()
+        self._pending = 0
+        norm = self.engine.get_global_grad_norm()
+        return float(norm) if norm is not None else float("nan")
+
+    @contextlib.contextmanager
+    def full_params(self) -> Iterator[list[torch.nn.Parameter]]:
+        """G's parameters with their full values (ZeRO-3 gathers them; collective)."""
+        params = list(self.student.parameters())
+        if self.stage == 3:
+            with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+                yield params
+        else:
+            yield params
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """Full weights on every rank (collective under ZeRO-3)."""
+        if self.stage != 3:
+            return {k: v.detach() for k, v in self.student.state_dict().items()}
+        out = {n: safe_get_full_fp32_param(p).detach().cpu() for n, p in self._named_params()}
+        out.update({n: b.detach().cpu() for n, b in self.student.named_buffers()})
+        return out
+
+    # -- optimizer state, consolidated ------------------------------------------------------
+
+    def _named_params(self) -> list[tuple[str, torch.nn.Parameter]]:
+        return [(n, p) for n, p in self.student.named_parameters() if p.requires_grad]
+
+    def _step_count(self) -> float:
+        for state in self._base().state.values():
+            if "step" in state:
+                return float(state["step"])
+        return 0.0
+
+    def _base(self) -> torch.optim.Optimizer:
+        return self.optimizer if self.stage == 0 else self.optimizer.optimizer
+
+    def optimizer_tensors(self) -> dict[str, torch.Tensor]:
+        """``{i}.{exp_avg,exp_avg_sq,step}`` per parameter (collective under ZeRO; every rank
+        gets the full tensors)."""
+        if self.stage == 0:
+            params = [p for _, p in self._named_params()]
+            return ckpt.optimizer_tensors(self.optimizer, params)
+        out: dict[str, torch.Tensor] = {}
+        step = self._step_count()
+        for i, (_, p) in enumerate(self._named_params()):
+            for key in ADAM_KEYS:
+                v = safe_get_full_optimizer_state(p, key)
+                if v is not None:
+                    out[f"{i}.{key}"] = v.detach().float().cpu().contiguous()
+            if f"{i}.exp_avg" in out:
+                out[f"{i}.step"] = torch.tensor(step)
+        return out
+
+    def save(self, folder: Path, write: bool) -> None:
+        """All ranks call (gathers); ``write`` on one rank puts the files in ``folder``."""
+        tensors = self.optimizer_tensors()
+        if not write:
+            return
+        from safetensors.torch import save_file
+
+        folder.mkdir(parents=True, exist_ok=True)
+        save_file(tensors, str(folder / "state.safetensors"))
+        groups = [
+            {k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups
+        ]
+        (folder / "param_groups.json").write_text(json.dumps(groups, default=list))
+
+    def load(self, folder: Path) -> None:
+        """Scatter a consolidated state into this rank's partitions (any stage, any world)."""
+        from safetensors.torch import load_file
+
+        tensors = load_file(str(folder / "state.safetensors"))
+        named = self._named_params()
+        if self.stage == 0:
+            ckpt.load_optimizer(self.optimizer, [p for _, p in named], folder)
+            return
+        if not tensors:
+            return
+        self._materialise_state()
+        for i, (_, p) in enumerate(named):
+            for key in ADAM_KEYS:
+                if f"{i}.{key}" in tensors:
+                    safe_set_full_optimizer_state(p, tensors[f"{i}.{key}"], key)
+        steps = [v for k, v in tensors.items() if k.endswith(".step")]
+        for state in self._base().state.values():
+            state["step"] = steps[0].clone().float() if steps else torch.tensor(0.0)
+        groups = json.loads((folder / "param_groups.json").read_text())
+        for g, saved in zip(self.optimizer.param_groups, groups, strict=False):
+            for k in ("lr", "betas", "weight_decay", "eps"):
+                if k in saved:
+                    g[k] = tuple(saved[k]) if isinstance(g.get(k), tuple) else saved[k]
+
+    @torch.no_grad()
+    def _materialise_state(self) -> None:
+        """torch AdamW creates its state lazily at the first step: take one step with zero
+        gradients and lr 0 (a no-op on the weights) so there is state to overwrite."""
+        base = self._base()
+        saved = []
+        for g in base.param_groups:
+            saved.append(g["lr"])
+            g["lr"] = 0.0
+            for p in g["params"]:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+        base.step()
+        for g, lr in zip(base.param_groups, saved, strict=True):
+            g["lr"] = lr
+            for p in g["params"]:
+                p.grad = None
+
+    def engine_state(self) -> dict[str, Any]:
+        return {
+            "zero_stage": self.stage,
+            "global_steps": int(self.engine.global_steps),
+            "micro_steps": int(self.engine.micro_steps),
+            "gradient_accumulation_steps": self.accum,
+            "world_size": int(self.engine.world_size),
+        }
+
+    def load_engine_state(self, state: dict[str, Any]) -> None:
+        self.engine.global_steps = int(state.get("global_steps", 0))
+        self.engine.global_samples = self.engine.global_steps * self.engine.train_batch_size()
