@@ -250,7 +250,12 @@ def write_run_checkpoint(run: Run, folder: Path) -> None:
     (folder / "ranks").mkdir(parents=True, exist_ok=True)
     write_json(
         folder / "ranks" / f"rank_{run.rank:05d}.json",
-        {"rank": run.rank, "world_size": run.world_size, "heads": list(run.pool.local.owned)},
+        {
+            "rank": run.rank,
+            "world_size": run.world_size,
+            "heads": list(run.pool.local.owned),
+            "pool_numel": run.pool.local.numel(),  # parameters + AdamW state this rank held
+        },
     )
 
 

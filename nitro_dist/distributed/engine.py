@@ -179,18 +179,26 @@ class DeepSpeedUpdate:
         """torch AdamW creates its state lazily at the first step: take one step with zero
         gradients and lr 0 (a no-op on the weights) so there is state to overwrite."""
         base = self._base()
-        saved = []
+        if self.stage == 3:  # ZeRO-3 hands the base optimizer one flat partition per sub-group
+            zero = self.optimizer
+            pairs = [
+                (zero.sub_group_to_group_id[i], flat)
+                for i, flat in enumerate(zero.fp32_partitioned_groups_flat)
+            ]
+        else:
+            pairs = [(gi, p) for gi, g in enumerate(base.param_groups) for p in g["params"]]
+        saved = [(g["lr"], g["params"]) for g in base.param_groups]
         for g in base.param_groups:
-            saved.append(g["lr"])
-            g["lr"] = 0.0
-            for p in g["params"]:
-                if p.grad is None:
-                    p.grad = torch.zeros_like(p)
+            g["lr"], g["params"] = 0.0, []
+        for gi, p in pairs:
+            base.param_groups[gi]["params"].append(p)
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
         base.step()
-        for g, lr in zip(base.param_groups, saved, strict=True):
-            g["lr"] = lr
-            for p in g["params"]:
-                p.grad = None
+        for g, (lr, params) in zip(base.param_groups, saved, strict=True):
+            g["lr"], g["params"] = lr, params
+        for _, p in pairs:
+            p.grad = None
 
     def engine_state(self) -> dict[str, Any]:
         return {

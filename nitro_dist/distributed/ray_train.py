@@ -1,0 +1,269 @@
+"""Ray Train adapter: ``python -m nitro_dist.train`` runs ``loop.train`` on a TorchTrainer.
+
+The driver joins the cluster named by RAY_ADDRESS (as under ``ray job submit``) or starts a local
+Ray sized to the machine. Each worker converts the config dict back to the typed tree, then runs
+the same loop as a single process with a ``RaySession``: the head pool sharded over ranks
+(``ShardedPool``), G under DeepSpeed ZeRO (``DeepSpeedUpdate``), checkpoints reported with
+``ray.train.report`` (every rank adds its part; Ray merges them into one folder per checkpoint
+under ``<storage_path>/<run_name>/iter_XXXXXX``), restarts after a worker failure resumed from the
+last reported checkpoint.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from nitro_dist import checkpoint as ckpt
+from nitro_dist.config import Config, config_from_dict, to_dict
+
+FAIL_ENV = "NITRO_FAIL_AT"  # "iteration[:rank]": inject a worker fault (tests, recovery drills)
+FAULT_EXIT_CODE = 17
+
+
+# ---------------------------------------------------------------------------------------------
+# where a run lives
+
+
+def is_remote(url: str) -> bool:
+    return "://" in url and not url.startswith("file://")
+
+
+def resolve_storage(storage_path: str) -> str:
+    """Absolute local path (relative = to the launching directory), or the URL unchanged.
+
+    Under ``ray job submit --working-dir`` the driver runs in a Ray-managed copy of the working
+    dir that is deleted with the job, so relative paths go under ``~/nitro_runs`` there."""
+    if is_remote(storage_path):
+        return storage_path.rstrip("/")
+    p = Path(storage_path.removeprefix("file://")).expanduser()
+    if not p.is_absolute():
+        base = Path.cwd()
+        if "runtime_resources" in base.parts:  # a job's temporary working dir
+            base = Path.home() / "nitro_runs"
+        p = base / p
+    return str(p)
+
+
+def ray_storage(url: str) -> tuple[str, Any]:
+    """(storage_path, storage_filesystem) for RunConfig; s3:// goes through s3fs (endpoint and
+    credentials from the usual AWS_* variables) wrapped for pyarrow."""
+    if not is_remote(url):
+        return url, None
+    import fsspec
+    import pyarrow.fs as pafs
+
+    protocol, path = url.split("://", 1)
+    fs = fsspec.filesystem(protocol)
+    return path, pafs.PyFileSystem(pafs.FSSpecHandler(fs))
+
+
+# ---------------------------------------------------------------------------------------------
+# driver
+
+
+def connect(cfg: Config) -> None:
+    """Join RAY_ADDRESS's cluster, or start a local one with enough (logical) CPUs."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(log_to_driver=True)
+        return
+    d = cfg.distributed
+    need = math.ceil(d.num_workers * d.cpus_per_worker)
+    ray.init(
+        num_cpus=max(os.cpu_count() or 1, need),
+        dashboard_host="127.0.0.1",  # the state API (Train V2 uses it) lives in the dashboard
+        runtime_env={"env_vars": {"OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}},
+    )
+
+
+def launch(cfg: Config, resume: str | None = None) -> dict[str, Any]:
+    """Train ``cfg`` on Ray Train; returns the final metrics plus ``checkpoint`` and ``run_dir``.
+    Rerunning with the same run_name and storage_path continues from the latest checkpoint."""
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    connect(cfg)
+    d = cfg.distributed
+    storage = resolve_storage(d.storage_path)
+    path, fs = ray_storage(storage)
+    resources: dict[str, float] = {"CPU": d.cpus_per_worker, **d.resources_per_worker}
+    if d.use_gpu:
+        resources["GPU"] = d.gpus_per_worker
+    if resume and not is_remote(resume):
+        resume = str(ckpt.resolve(resume))
+    trainer = TorchTrainer(
+        worker_loop,
+        train_loop_config={"config": to_dict(cfg), "storage": storage, "resume": resume},
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=d.num_workers, use_gpu=d.use_gpu, resources_per_worker=resources
+        ),
+        torch_config=TorchConfig(backend="nccl" if d.use_gpu else "gloo"),
+        run_config=ray.train.RunConfig(
+            name=cfg.run_name,
+            storage_path=path,
+            storage_filesystem=fs,
+            failure_config=ray.train.FailureConfig(max_failures=d.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
+        ),
+    )
+    result = trainer.fit()
+    out = dict(result.metrics or {})
+    out["run_dir"] = f"{storage}/{cfg.run_name}"
+    if result.checkpoint is not None:
+        out["checkpoint"] = (
+            result.checkpoint.path
+            if fs is None
+            else f"{storage.split('://')[0]}://{result.checkpoint.path}"
+        )
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# worker
+
+
+def worker_loop(config: dict[str, Any]) -> None:
+    import ray.train
+
+    from nitro_dist.loop import train
+
+    cfg = config_from_dict(config["config"])
+    ctx = ray.train.get_context()
+    session = RaySession(cfg, config["storage"], ctx.get_world_rank(), ctx.get_world_size())
+    resume = config.get("resume")
+    try:
+        train(cfg, session.run_dir, resume=resume, session=session)
+    finally:
+        session.close()
+
+
+class RaySession:
+    """How a Ray Train worker takes part in ``loop.train`` (see ``loop.LocalSession``)."""
+
+    def __init__(self, cfg: Config, storage: str, rank: int, world_size: int) -> None:
+        self.cfg, self.rank, self.world_size = cfg, rank, world_size
+        self.remote_dir = f"{storage}/{cfg.run_name}"
+        if is_remote(storage):  # rank 0 writes locally and uploads at checkpoints
+            self.run_dir = Path(tempfile.mkdtemp(prefix=f"nitro-{cfg.run_name}-"))
+        else:
+            self.run_dir = Path(self.remote_dir)
+        self._tmp: list[Path] = []
+
+    # -- set-up -----------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def restore(self, resume: str | None) -> Iterator[Path | None]:
+        """Ray's latest checkpoint of this run (after a failure, or a rerun of the same name), else
+        the one given to ``launch(resume=...)`` (a local folder or a URL), else none."""
+        import ray.train
+
+        found = ray.train.get_checkpoint()
+        if found is None and resume:
+            path, fs = ray_storage(resume)
+            found = ray.train.Checkpoint(path, filesystem=fs)
+        if found is None:
+            yield None
+            return
+        with found.as_directory() as folder:
+            yield Path(folder)
+
+    def parallelize(self, run) -> None:
+        """Shard the pool over ranks and put G under DeepSpeed (parallelism from outside)."""
+        from nitro_dist.distributed.engine import DeepSpeedUpdate
+        from nitro_dist.distributed.pool_sync import ShardedPool
+
+        cfg = run.cfg
+        run.pool = ShardedPool(
+            run.layout, cfg.pool, cfg.seed, self.rank, self.world_size, run.device
+        )
+        run.g = DeepSpeedUpdate(run.models.student, cfg, self.world_size)
+
+    # -- each iteration ---------------------------------------------------------------------
+
+    def check_fault(self, iteration: int) -> None:
+        """Exit abruptly (as a crashed worker would) at the configured iteration, once per run:
+        a marker in the run folder keeps the restarted worker from failing again."""
+        at, rank = self.cfg.distributed.fail_at_iteration, self.cfg.distributed.fail_rank
+        if os.environ.get(FAIL_ENV):
+            spec = os.environ[FAIL_ENV].split(":")
+            at, rank = int(spec[0]), int(spec[1]) if len(spec) > 1 else 0
+        if iteration != at or self.rank != rank:
+            return
+        import fsspec
+
+        marker = f"{self.remote_dir}/faults/injected_at_{at}_rank{rank}"
+        fs, path = fsspec.core.url_to_fs(marker)
+        if fs.exists(path):
+            return
+        fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+        fs.pipe_file(path, b"injected\n")
+        print(f"fault injection: rank {rank} exits at iteration {at}", flush=True)
+        os._exit(FAULT_EXIT_CODE)
+
+    def reduce(self, metrics: dict[str, float]) -> dict[str, float]:
+        """Mean over ranks of the per-rank losses and accuracies (one small all-reduce)."""
+        keys = ["g_loss", "d_loss", "d_acc_real", "d_acc_fake", "mean_k"]
+        vals = torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64)
+        if self.world_size > 1:
+            dist.all_reduce(vals)
+            vals /= self.world_size
+        return {**metrics, **dict(zip(keys, vals.tolist(), strict=True))}
+
+    # -- checkpoints and reports ------------------------------------------------------------
+
+    def save(self, run, metrics: dict[str, Any]) -> str:
+        import ray.train
+
+        it = run.state["iteration"]
+        folder = Path(tempfile.mkdtemp(prefix=f"nitro-ckpt-r{self.rank}-"))
+        ckpt.write_run_checkpoint(run, folder)
+        ray.train.report(
+            _scalars(metrics),
+            checkpoint=ray.train.Checkpoint.from_directory(str(folder)),
+            checkpoint_dir_name=ckpt.checkpoint_name(it),
+        )
+        shutil.rmtree(folder, ignore_errors=True)
+        return f"{self.remote_dir}/{ckpt.checkpoint_name(it)}"
+
+    def report(self, metrics: dict[str, Any]) -> None:
+        import ray.train
+
+        ray.train.report(_scalars(metrics))
+
+    def has_checkpoint(self, iteration: int) -> bool:
+        import ray.train
+
+        found = ray.train.get_checkpoint()
+        return found is not None and Path(found.path).name == ckpt.checkpoint_name(iteration)
+
+    def sync(self) -> None:
+        """Upload rank 0's run files (metrics, samples) when the run lives in remote storage."""
+        if self.rank != 0 or not is_remote(self.remote_dir):
+            return
+        import fsspec
+
+        fs, path = fsspec.core.url_to_fs(self.remote_dir)
+        for f in self.run_dir.rglob("*"):
+            if f.is_file():
+                fs.put_file(str(f), f"{path}/{f.relative_to(self.run_dir).as_posix()}")
+
+    def close(self) -> None:
+        if is_remote(self.remote_dir):
+            shutil.rmtree(self.run_dir, ignore_errors=True)
+
+
+def _scalars(metrics: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in metrics.items() if isinstance(v, int | float | str | bool)}
