@@ -254,6 +254,7 @@ def write_run_checkpoint(run: Run, folder: Path) -> None:
             "rank": run.rank,
             "world_size": run.world_size,
             "heads": list(run.pool.local.owned),
+            "pool_params": sum(p.numel() for p in run.pool.local.heads.parameters()),
             "pool_numel": run.pool.local.numel(),  # parameters + AdamW state this rank held
         },
     )

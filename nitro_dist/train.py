@@ -54,7 +54,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument(
         "overrides", nargs="*", metavar="key=value", help="config overrides, e.g. pool.candidates=8"
     )
-    return ap.parse_args(argv)
+    return ap.parse_intermixed_args(argv)  # key=value may come before or after options
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -199,6 +199,8 @@ class DeepSpeedUpdate:
             g["lr"], g["params"] = lr, params
         for _, p in pairs:
             p.grad = None
+        if hasattr(self.optimizer, "_lazy_init_hp_params_optimizer_state"):  # ZeRO 1/2
+            self.optimizer._lazy_init_hp_params_optimizer_state()  # links the state it now has
 
     def engine_state(self) -> dict[str, Any]:
         return {
