@@ -7,7 +7,6 @@ worker is killed at an injected iteration and restarted by Ray.
 """
 
 import json
-import os
 from pathlib import Path
 
 import pytest
