@@ -224,7 +224,8 @@ def write_run_checkpoint(run: Run, folder: Path) -> None:
     run.g.save(folder / "optimizer", write=lead)
     if lead:
         student = run.models.student
-        if getattr(run.g, "stage", 0) == 3:  # the module's own tensors are partitions
+        if getattr(run.g, "stage", 0) == 3 or next(student.parameters()).dtype != torch.float32:
+            # DeepSpeed: the module holds partitions (ZeRO-3) or bf16 copies; save the fp32 master
             student = type(student).from_config(student.config)
             student.load_state_dict(weights)
         student.save_pretrained(folder / "generator", safe_serialization=True)

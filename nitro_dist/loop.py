@@ -295,7 +295,7 @@ def _train_step(run: Run, iteration: int) -> dict[str, float]:
     if run.ema is not None:
         with torch.no_grad(), run.g.full_params() as params:
             for pe, p in zip(run.ema.parameters(), params, strict=True):
-                pe.lerp_(p, 1 - cfg.optim.ema_decay)
+                pe.lerp_(p.to(pe.dtype), 1 - cfg.optim.ema_decay)
     # D turn: backbone under no_grad (features reused from the G turn for fakes).
     for h in heads.values():
         h.requires_grad_(True)
@@ -417,7 +417,7 @@ def train(
         if path is not None:
             ckpt.load_run_states(run, path)
             if lead:
-                print(f"resumed from {path} at iteration {run.state['iteration']}", flush=True)
+                say(f"resumed from {path} at iteration {run.state['iteration']}")
     logger = MetricsLogger(run_dir, cfg) if lead else None
     tr = cfg.train
     if run.state["iteration"] == 0 and tr.sample_every:
@@ -453,7 +453,7 @@ def train(
                     acc=f"{metrics['d_acc_real']:.2f}/{metrics['d_acc_fake']:.2f}",
                 )
                 if progress and bar.disable:  # job logs: one line per log interval
-                    print(progress_line(done, tr.iterations, metrics), flush=True)
+                    say(progress_line(done, tr.iterations, metrics))
         if tr.sample_every and done % tr.sample_every == 0:
             unet = generator_for_eval(run)
             if lead:
@@ -493,6 +493,13 @@ def train(
     if final_dir is not None:
         final["checkpoint"] = str(final_dir)
     return final
+
+
+def say(line: str) -> None:
+    """One line to stdout (job logs). Not print(): Ray Train patches print into its logger,
+    which shows every line twice in the driver's output."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
 
 
 def progress_line(done: int, total: int, m: dict[str, float]) -> str:

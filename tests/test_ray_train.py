@@ -75,7 +75,10 @@ def reference(cluster, tmp_path_factory):
 
 def test_w1_and_w2_zero1_give_the_same_generator_and_pool(reference):
     tmp, ref = reference
-    out = run(tmp, "w2", "distributed.num_workers=2", "distributed.zero_stage=1")
+    # 2 ranks x 2 micro-batches of 1 accumulate to the reference's batch of 4
+    out = run(
+        tmp, "w2", "distributed.num_workers=2", "distributed.zero_stage=1", "train.grad_accum=2"
+    )
     ck = Path(out["checkpoint"])
     assert ck.name == "iter_000004" and out["iteration"] == 4
     assert_same(ref, ck)

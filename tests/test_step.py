@@ -82,3 +82,16 @@ def test_two_d_steps_per_g_step(tiny_cfg):
     run = build_run(tiny_cfg("optim.d_steps_per_g_step=2"), progress=False)
     m = train_step(run, 0)
     assert m["d_loss"] > 0
+
+
+def test_gradient_accumulation_matches_the_full_batch(tiny_cfg):
+    """2 micro-batches of 2 accumulate to the same update as one batch of 4."""
+    runs = [build_run(tiny_cfg(f"train.grad_accum={n}"), progress=False) for n in (1, 2)]
+    for run in runs:
+        for it in range(2):
+            train_step(run, it)
+    for a, b in zip(runs[0].models.student.parameters(), runs[1].models.student.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=2e-5)
+    for h in runs[0].pool.owned:
+        for a, b in zip(runs[0].pool.head(h).parameters(), runs[1].pool.head(h).parameters()):
+            torch.testing.assert_close(a, b, rtol=0, atol=2e-5)

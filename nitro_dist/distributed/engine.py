@@ -81,9 +81,14 @@ class DeepSpeedUpdate:
 
     def step(self) -> float:
         assert self._pending == self.accum, "step() after exactly grad_accum backward() calls"
+        norm = None
+        if self.stage == 0:  # DeepSpeed clips stage-0 fp32 gradients but does not keep the norm
+            grads = [p.grad.norm() for p in self.student.parameters() if p.grad is not None]
+            norm = float(torch.linalg.vector_norm(torch.stack(grads))) if grads else 0.0
         self.engine.step()
         self._pending = 0
-        norm = self.engine.get_global_grad_norm()
+        if norm is None:
+            norm = self.engine.get_global_grad_norm()
         return float(norm) if norm is not None else float("nan")
 
     @contextlib.contextmanager
@@ -97,10 +102,14 @@ class DeepSpeedUpdate:
             yield params
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
-        """Full weights on every rank (collective under ZeRO-3)."""
-        if self.stage != 3:
-            return {k: v.detach() for k, v in self.student.state_dict().items()}
-        out = {n: safe_get_full_fp32_param(p).detach().cpu() for n, p in self._named_params()}
+        """Full fp32 weights on every rank. Under ZeRO-3 (partitions) or bf16 (low-precision
+        copies) they are gathered from DeepSpeed's fp32 master (collective: every rank calls);
+        otherwise the module already holds them."""
+        out = {}
+        for n, p in self.student.named_parameters():
+            gather = self.stage == 3 or p.dtype != torch.float32
+            full = safe_get_full_fp32_param(p) if gather else None
+            out[n] = (full if full is not None else p).detach().float().cpu()
         out.update({n: b.detach().cpu() for n, b in self.student.named_buffers()})
         return out
 

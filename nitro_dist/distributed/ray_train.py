@@ -141,6 +141,8 @@ def worker_loop(config: dict[str, Any]) -> None:
     from nitro_dist.loop import train
 
     cfg = config_from_dict(config["config"])
+    if not cfg.train.num_threads:  # Ray sets OMP_NUM_THREADS=1 for its workers
+        torch.set_num_threads(max(1, int(cfg.distributed.cpus_per_worker)))
     ctx = ray.train.get_context()
     session = RaySession(cfg, config["storage"], ctx.get_world_rank(), ctx.get_world_size())
     resume = config.get("resume")
@@ -186,9 +188,10 @@ class RaySession:
         from nitro_dist.distributed.pool_sync import ShardedPool
 
         cfg = run.cfg
-        run.pool = ShardedPool(
-            run.layout, cfg.pool, cfg.seed, self.rank, self.world_size, run.device
-        )
+        if self.world_size > 1:  # one rank keeps the plain pool: the same maths, no packing
+            run.pool = ShardedPool(
+                run.layout, cfg.pool, cfg.seed, self.rank, self.world_size, run.device
+            )
         run.g = DeepSpeedUpdate(run.models.student, cfg, self.world_size)
 
     # -- each iteration ---------------------------------------------------------------------
