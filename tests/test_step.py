@@ -90,8 +90,10 @@ def test_gradient_accumulation_matches_the_full_batch(tiny_cfg):
     for run in runs:
         for it in range(2):
             train_step(run, it)
-    for a, b in zip(runs[0].models.student.parameters(), runs[1].models.student.parameters()):
+    s0, s1 = runs[0].models.student, runs[1].models.student
+    for a, b in zip(s0.parameters(), s1.parameters(), strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=2e-5)
     for h in runs[0].pool.owned:
-        for a, b in zip(runs[0].pool.head(h).parameters(), runs[1].pool.head(h).parameters()):
+        h0, h1 = runs[0].pool.head(h), runs[1].pool.head(h)
+        for a, b in zip(h0.parameters(), h1.parameters(), strict=True):
             torch.testing.assert_close(a, b, rtol=0, atol=2e-5)
