@@ -35,7 +35,15 @@ def average_grads(model: torch.nn.Module) -> None:
 
 
 def run_rank(rank: int, world: int, out: str) -> dict:
-    torch.set_num_threads(1)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the same summation order in the W=1 run and each W=2 rank
+    try:
+        return _run_rank(rank, world, out)
+    finally:
+        torch.set_num_threads(threads)  # W=1 runs in the pytest process itself
+
+
+def _run_rank(rank: int, world: int, out: str) -> dict:
     cfg = load_config("tiny", OVERRIDES)
     run = build_run(cfg, rank=rank, owned_heads=[], progress=False)
     run.rank, run.world_size, run.g.grad_sync = rank, world, average_grads

@@ -20,7 +20,9 @@ from nitro_dist.train import main
 
 ray = pytest.importorskip("ray")
 
-ATOL = 5e-5  # fp32 on CPU; different reduction orders (ZeRO partitions, 2 ranks) only
+# fp32 on CPU: only reduction orders differ (ZeRO partitions, 2 ranks, micro-batches); the heads'
+# AdamW turns tiny gradient differences into up to ~4e-5 after its first steps
+ATOL = 1e-4
 BASE = [
     "train.iterations=4",
     "train.checkpoint_every=2",

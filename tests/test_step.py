@@ -85,7 +85,8 @@ def test_two_d_steps_per_g_step(tiny_cfg):
 
 
 def test_gradient_accumulation_matches_the_full_batch(tiny_cfg):
-    """2 micro-batches of 2 accumulate to the same update as one batch of 4."""
+    """2 micro-batches of 2 accumulate to the same update as one batch of 4 (heads: AdamW's
+    first steps normalise tiny gradient differences from the summation order, so 1e-4)."""
     runs = [build_run(tiny_cfg(f"train.grad_accum={n}"), progress=False) for n in (1, 2)]
     for run in runs:
         for it in range(2):
@@ -96,4 +97,4 @@ def test_gradient_accumulation_matches_the_full_batch(tiny_cfg):
     for h in runs[0].pool.owned:
         h0, h1 = runs[0].pool.head(h), runs[1].pool.head(h)
         for a, b in zip(h0.parameters(), h1.parameters(), strict=True):
-            torch.testing.assert_close(a, b, rtol=0, atol=2e-5)
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-4)
