@@ -158,11 +158,20 @@ class RaySession:
     def __init__(self, cfg: Config, storage: str, rank: int, world_size: int) -> None:
         self.cfg, self.rank, self.world_size = cfg, rank, world_size
         self.remote_dir = f"{storage}/{cfg.run_name}"
+        self._uploaded: dict[Path, float] = {}
         if is_remote(storage):  # rank 0 writes locally and uploads at checkpoints
             self.run_dir = Path(tempfile.mkdtemp(prefix=f"nitro-{cfg.run_name}-"))
+            if rank == 0:
+                self._fetch("metrics.jsonl")  # a rerun appends to the run's log
         else:
             self.run_dir = Path(self.remote_dir)
-        self._tmp: list[Path] = []
+
+    def _fetch(self, name: str) -> None:
+        import fsspec
+
+        fs, path = fsspec.core.url_to_fs(f"{self.remote_dir}/{name}")
+        if fs.exists(path):
+            fs.get_file(path, str(self.run_dir / name))
 
     # -- set-up -----------------------------------------------------------------------------
 
@@ -179,8 +188,17 @@ class RaySession:
         if found is None:
             yield None
             return
-        with found.as_directory() as folder:
-            yield Path(folder)
+        if found.filesystem.type_name == "local":
+            yield Path(found.path)
+            return
+        # remote: each rank downloads into its own folder (Ray's shared as_directory() download
+        # let one rank read files another was still writing)
+        folder = Path(tempfile.mkdtemp(prefix=f"nitro-restore-r{self.rank}-"))
+        try:
+            found.to_directory(str(folder))
+            yield folder
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
 
     def parallelize(self, run) -> None:
         """Shard the pool over ranks and put G under DeepSpeed (parallelism from outside)."""
@@ -260,8 +278,9 @@ class RaySession:
 
         fs, path = fsspec.core.url_to_fs(self.remote_dir)
         for f in self.run_dir.rglob("*"):
-            if f.is_file():
+            if f.is_file() and self._uploaded.get(f) != f.stat().st_mtime:
                 fs.put_file(str(f), f"{path}/{f.relative_to(self.run_dir).as_posix()}")
+                self._uploaded[f] = f.stat().st_mtime
 
     def close(self) -> None:
         if is_remote(self.remote_dir):
