@@ -86,3 +86,16 @@ def test_ray_job_submit_trains_the_digits_task(head, tmp_path):
     assert final["iteration"] == 3 and "fid_digits_1step" in final
     assert (run_dir / "iter_000003" / "generator" / "config.json").exists()
     assert (run_dir / "samples" / "final_1step.png").exists()
+
+
+def test_unreachable_ray_address_is_a_clear_error(tmp_path):
+    env = {**os.environ, "RAY_ADDRESS": f"127.0.0.1:{free_port()}"}
+    out = subprocess.run(
+        [sys.executable, "-m", "nitro_dist.train", "--config", "tiny", f"--run-dir={tmp_path}/x"],
+        env=env,
+        timeout=120,
+        capture_output=True,
+        text=True,
+    )
+    assert out.returncode == 2
+    assert "RAY_ADDRESS=127.0.0.1:" in out.stderr and "no Ray cluster answers" in out.stderr

@@ -15,6 +15,7 @@ import contextlib
 import math
 import os
 import shutil
+import socket
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -77,7 +78,9 @@ def connect(cfg: Config) -> None:
 
     if ray.is_initialized():
         return
-    if os.environ.get("RAY_ADDRESS"):
+    address = os.environ.get("RAY_ADDRESS")
+    if address:
+        check_reachable(address)  # ray.init() would retry an unreachable address forever
         ray.init(log_to_driver=True)
         return
     d = cfg.distributed
@@ -87,6 +90,21 @@ def connect(cfg: Config) -> None:
         dashboard_host="127.0.0.1",  # the state API (Train V2 uses it) lives in the dashboard
         runtime_env={"env_vars": {"OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}},
     )
+
+
+def check_reachable(address: str, timeout_s: float = 5.0) -> None:
+    """RAY_ADDRESS ``[ray://]host:port``: a clear error when nothing listens there."""
+    hostport = address.split("://", 1)[-1].rstrip("/")
+    host, _, port = hostport.rpartition(":")
+    if not host or not port.isdigit():
+        return  # "auto", "local" and other forms: let Ray interpret them
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except OSError as e:
+        raise ValueError(
+            f"RAY_ADDRESS={address}: no Ray cluster answers there ({e}). Start one with "
+            "`ray start --head`, fix the address, or unset RAY_ADDRESS to train on a local Ray."
+        ) from None
 
 
 def launch(cfg: Config, resume: str | None = None) -> dict[str, Any]:
