@@ -150,7 +150,7 @@ class DistributedConfig:
 
 @dataclass(kw_only=True)
 class LoggingConfig:
-    wandb: bool = False
+    wandb: bool = True  # offline unless wandb_mode says otherwise; false turns it off
     wandb_mode: Literal["offline", "online", "disabled"] = "offline"
     project: str = "nitro_dist"
     progress: bool = True
