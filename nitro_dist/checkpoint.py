@@ -242,7 +242,7 @@ def write_run_checkpoint(run: Run, folder: Path) -> None:
             {
                 **run.state,
                 "seed": run.cfg.seed,
-                "data_cursor": it,
+                "data_cursor": run.loader.state() if run.loader is not None else it,
                 "world_size": run.world_size,
             },
         )
@@ -275,6 +275,8 @@ def load_run_weights(run: Run, path: Path) -> None:
         ema = UNet2DConditionModel.from_pretrained(path / "generator_ema", use_safetensors=True)
         run.ema.load_state_dict(ema.state_dict())
     run.state = {"iteration": state["iteration"], "images_seen": state["images_seen"]}
+    if isinstance(state.get("data_cursor"), dict):
+        run.state["data_cursor"] = state["data_cursor"]
 
 
 def load_run_states(run: Run, path: Path) -> None:

@@ -106,6 +106,11 @@ class DataConfig:
     source: Literal["digits", "shards"] = "digits"
     shards: str = ""
     resolution: int = 8  # image side in pixels (latent side x 8 with a VAE)
+    num_workers: int = 2  # loader processes per rank (0: read in the training process)
+    shuffle_buffer: int = 1000  # samples per loader worker's shuffle buffer (1: no shuffle)
+    # Audit: each rank appends "<epoch> <iteration> <sample key>" for every sample it trains on
+    # to <audit_dir>/rank_<r>.txt (a local folder); empty = off.
+    audit_dir: str = ""
 
 
 @dataclass(kw_only=True)
@@ -406,6 +411,8 @@ def validate(cfg: Config) -> None:
     need(cfg.data.resolution >= 8, "data.resolution", "must be >= 8")
     if cfg.data.source == "shards":
         need(bool(cfg.data.shards), "data.shards", "required for data.source=shards")
+    need(cfg.data.num_workers >= 0, "data.num_workers", "must be >= 0")
+    need(cfg.data.shuffle_buffer >= 1, "data.shuffle_buffer", "must be >= 1")
 
 
 def dump_yaml(cfg: Config) -> str:

@@ -23,6 +23,7 @@ from tqdm import tqdm
 from nitro_dist import checkpoint as ckpt
 from nitro_dist import step as S
 from nitro_dist.config import Config, dump_yaml, to_dict
+from nitro_dist.data.loader import ShardLoader
 from nitro_dist.data.pairs import (
     PromptSet,
     global_batch_indices,
@@ -30,6 +31,7 @@ from nitro_dist.data.pairs import (
     rank_slice,
     teacher_x0,
 )
+from nitro_dist.data.shards import DataError, list_shards
 from nitro_dist.digits.data import PROMPTS
 from nitro_dist.discriminator.backbone import level_shapes
 from nitro_dist.discriminator.pool import (
@@ -146,6 +148,7 @@ class Run:
     rank: int = 0
     world_size: int = 1
     ema: torch.nn.Module | None = None
+    loader: ShardLoader | None = None  # data.source=shards
     state: dict[str, Any] = field(default_factory=lambda: {"iteration": 0, "images_seen": 0})
 
 
@@ -159,17 +162,13 @@ def build_run(
     cfg: Config,
     *,
     rank: int = 0,
+    world_size: int = 1,
     owned_heads: list[int] | None = None,
     progress: bool = True,
     models: Models | None = None,
 ) -> Run:
     """Everything one process needs. ``owned_heads`` = the pool shard (None: all heads);
     ``models`` = prebuilt models (benchmarks), else built from ``cfg.model``."""
-    if cfg.data.source == "shards":
-        raise ValueError(
-            "data.source=shards: the WebDataset shard loader is not part of this version yet "
-            "(tracked in the data-at-scale issue); use data.source=digits"
-        )
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
     device = pick_device(cfg.train.device)
@@ -199,7 +198,18 @@ def build_run(
     layout = make_layout(cfg.pool, level_shapes(models.teacher, models.sample_shape, conds([""])))
     train_set = training_prompts(cfg)
     x0 = None
-    if tcfg.mode == "offline":
+    loader = None
+    if cfg.data.source == "shards":
+        d = cfg.data
+        loader = ShardLoader(
+            list_shards(d.shards),
+            seed=cfg.seed,
+            rank=rank,
+            world_size=world_size,
+            num_workers=d.num_workers,
+            shuffle_buffer=d.shuffle_buffer,
+        )
+    elif tcfg.mode == "offline":
         x0 = precompute_pairs(
             models.teacher,
             models.text,
@@ -212,6 +222,8 @@ def build_run(
             fingerprint_parts={"teacher": to_dict(tcfg), "schedule": models.schedule},
         )
     run = Run(cfg, models, device, denoiser, teacher_sampler, layout, conds, train_set, x0)
+    run.loader = loader
+    run.rank, run.world_size = rank, world_size
     run.pool = HeadPool(layout, cfg.pool, cfg.seed, owned_heads).to(device)
     run.g = TorchUpdate(models.student, cfg)
     if cfg.optim.ema_decay > 0:
@@ -221,14 +233,29 @@ def build_run(
 
 def make_batch(run: Run, iteration: int, rank: int = 0, world_size: int = 1) -> S.Batch:
     cfg = run.cfg
-    idx = global_batch_indices(cfg.seed, iteration, len(run.train_set), cfg.train.batch_size)
-    idx = rank_slice(idx, rank, world_size)
-    prompts = [run.train_set.prompts[i] for i in idx]
-    seeds = run.train_set.seeds[idx]
-    x_T = seeded_noise(seeds.tolist(), run.models.sample_shape).to(run.device)
-    if run.x0_offline is not None:
-        x0 = run.x0_offline[idx].to(run.device)
+    x0 = None
+    if run.loader is not None:
+        samples = run.loader.next_batch(cfg.train.batch_size // world_size)
+        audit(run, iteration, samples)
+        prompts = [s.prompt for s in samples]
+        seeds = torch.tensor([s.noise_seed for s in samples], dtype=torch.long)
+        if cfg.teacher.mode == "offline":
+            missing = [s.key for s in samples if s.teacher is None]
+            if missing:
+                raise DataError(
+                    f"teacher.mode=offline but sample {missing[0]} has no teacher.npy: make pair "
+                    "shards with python -m nitro_dist.prepare, or set teacher.mode=online"
+                )
+            x0 = torch.stack([s.teacher for s in samples]).to(run.device)
     else:
+        idx = global_batch_indices(cfg.seed, iteration, len(run.train_set), cfg.train.batch_size)
+        idx = rank_slice(idx, rank, world_size)
+        prompts = [run.train_set.prompts[i] for i in idx]
+        seeds = run.train_set.seeds[idx]
+        if run.x0_offline is not None:
+            x0 = run.x0_offline[idx].to(run.device)
+    x_T = seeded_noise(seeds.tolist(), run.models.sample_shape).to(run.device)
+    if x0 is None:
         x0 = teacher_x0(
             run.models.teacher,
             run.models.text,
@@ -239,6 +266,17 @@ def make_batch(run: Run, iteration: int, rank: int = 0, world_size: int = 1) -> 
             run.device,
         )
     return S.Batch(x_T, x0, run.conds(prompts), run.conds([""] * len(prompts)))
+
+
+def audit(run: Run, iteration: int, samples: list) -> None:
+    """data.audit_dir: which samples each rank trained on (checks for duplicates/loss)."""
+    if not run.cfg.data.audit_dir:
+        return
+    folder = Path(run.cfg.data.audit_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    epoch = run.loader.cursor.epoch
+    with (folder / f"rank_{run.rank}.txt").open("a") as f:
+        f.writelines(f"{epoch} {iteration} {s.key}\n" for s in samples)
 
 
 def autocast(run: Run):
@@ -408,11 +446,18 @@ def train(
     if lead:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(dump_yaml(cfg))
-    run = build_run(cfg, rank=rank, owned_heads=None if world == 1 else [], progress=progress)
-    run.rank, run.world_size = rank, world
+    run = build_run(
+        cfg,
+        rank=rank,
+        world_size=world,
+        owned_heads=None if world == 1 else [],
+        progress=progress,
+    )
     with session.restore(resume) as path:
         if path is not None:
             ckpt.load_run_weights(run, path)  # before DeepSpeed partitions G
+            if run.loader is not None:
+                run.loader.seek(run.state.get("data_cursor"))
         session.parallelize(run)
         if path is not None:
             ckpt.load_run_states(run, path)
@@ -440,6 +485,8 @@ def train(
         done, seen = it + 1, run.state["images_seen"]
         report: dict[str, Any] = {}
         if tr.log_every and done % tr.log_every == 0:
+            if run.loader is not None:
+                metrics.update(run.loader.metrics())
             metrics = session.reduce(metrics)
             now = time.time()
             metrics["images_per_s"] = (seen - n_last) / max(now - t_last, 1e-9)

@@ -113,6 +113,10 @@ def launch(cfg: Config, resume: str | None = None) -> dict[str, Any]:
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    if cfg.data.source == "shards":  # bad data stops here, before any worker starts
+        from nitro_dist.data.shards import probe
+
+        probe(cfg.data.shards, need_teacher=cfg.teacher.mode == "offline")
     connect(cfg)
     d = cfg.distributed
     storage = resolve_storage(d.storage_path)
@@ -255,11 +259,13 @@ class RaySession:
     def reduce(self, metrics: dict[str, float]) -> dict[str, float]:
         """Mean over ranks of the per-rank losses and accuracies (one small all-reduce)."""
         keys = ["g_loss", "d_loss", "d_acc_real", "d_acc_fake", "mean_k"]
-        vals = torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64)
+        counts = sorted(k for k in metrics if k.startswith("data_"))  # skipped-data counters
+        vals = torch.tensor([float(metrics[k]) for k in keys + counts], dtype=torch.float64)
         if self.world_size > 1:
             dist.all_reduce(vals)
-            vals /= self.world_size
-        return {**metrics, **dict(zip(keys, vals.tolist(), strict=True))}
+            vals[: len(keys)] /= self.world_size  # means; the counters are sums over ranks
+        out = dict(zip(keys + counts, vals.tolist(), strict=True))
+        return {**metrics, **out, **{k: int(out[k]) for k in counts}}
 
     # -- checkpoints and reports ------------------------------------------------------------
 

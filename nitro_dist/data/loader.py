@@ -1,0 +1,193 @@
+"""The training loader for WebDataset shards: one rank's samples, epoch by epoch.
+
+Order and split are pure functions of (seed, epoch), so every rank agrees without talking:
+1. the shard list is permuted by (seed, epoch);
+2. shards go, in that order, to the rank with the fewest samples so far (manifest counts);
+3. every rank yields exactly ``epoch_length`` = the smallest rank total samples in the epoch
+   ("equalised split": shards need not divide evenly, no rank runs dry and hangs the others'
+   collectives, no sample is yielded twice within an epoch);
+4. within a rank, DataLoader worker w reads the rank's shards w, w+k, ...; each worker shuffles
+   through a buffer seeded by (seed, epoch, rank, worker); the main process takes the workers'
+   samples round-robin (deterministic).
+The cursor (epoch, samples consumed this epoch) goes into the checkpoint; a resumed run replays
+the epoch's stream up to it. If bad data leaves a rank short of ``epoch_length`` it wraps around
+its own stream for the rest of the epoch (counted as ``data_refilled``), never blocking.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from nitro_dist import rng
+from nitro_dist.data.shards import BadData, DataError, Sample, ShardList, read_shard
+
+SHARDS_STREAM = 9  # rng stream id for the shard permutation (rng.py holds streams 1-8)
+
+
+def shard_assignment(counts: list[int], seed: int, epoch: int, world: int) -> list[list[int]]:
+    """shards[rank] for one epoch: permuted by (seed, epoch), greedily balanced by count."""
+    g = rng.keyed_generator(seed, epoch, SHARDS_STREAM)
+    order = torch.randperm(len(counts), generator=g).tolist()
+    totals, out = [0] * world, [[] for _ in range(world)]
+    for s in order:
+        r = min(range(world), key=lambda i: (totals[i], i))
+        out[r].append(s)
+        totals[r] += counts[s]
+    return out
+
+
+def epoch_length(counts: list[int], seed: int, epoch: int, world: int) -> int:
+    parts = shard_assignment(counts, seed, epoch, world)
+    return min(sum(counts[s] for s in p) for p in parts)
+
+
+class _EpochStream(IterableDataset):
+    """One rank's shards for one epoch; DataLoader workers split them by index."""
+
+    def __init__(self, urls: list[str], seed: int, epoch: int, rank: int, buffer: int) -> None:
+        self.urls, self.seed, self.epoch, self.rank, self.buffer = urls, seed, epoch, rank, buffer
+
+    def __iter__(self) -> Iterator[Sample | BadData]:
+        info = get_worker_info()
+        wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
+        r = random.Random(f"{self.seed}/{self.epoch}/{self.rank}/{wid}")
+        bad = BadData()
+        pool: list[Sample] = []
+        for url in self.urls[wid::nw]:
+            for sample in read_shard(url, bad):
+                if self.buffer <= 1:
+                    yield sample
+                    continue
+                pool.append(sample)
+                if len(pool) >= self.buffer:
+                    yield pool.pop(r.randrange(len(pool)))
+            if any(bad.as_metrics().values()):
+                yield bad  # this shard's skip counts, summed by the main process
+                bad = BadData()
+        r.shuffle(pool)
+        yield from pool
+
+
+@dataclass
+class Cursor:
+    epoch: int = 0
+    position: int = 0  # samples this rank consumed in ``epoch``
+
+
+class ShardLoader:
+    def __init__(
+        self,
+        shards: ShardList,
+        *,
+        seed: int,
+        rank: int,
+        world_size: int,
+        num_workers: int = 2,
+        shuffle_buffer: int = 1000,
+    ) -> None:
+        if any(c < 0 for c in shards.counts):
+            raise DataError(
+                "data.shards: per-shard counts are needed to split shards over ranks; "
+                "point data.shards at a folder with a manifest.json (write_shards and prepare "
+                "write one)"
+            )
+        if len(shards.urls) < world_size:
+            raise DataError(
+                f"data.shards: {len(shards.urls)} shards for {world_size} workers; need at least "
+                "one shard per worker (write smaller shards)"
+            )
+        self.shards, self.seed = shards, seed
+        self.rank, self.world_size = rank, world_size
+        self.num_workers, self.buffer = num_workers, shuffle_buffer
+        self.cursor = Cursor()
+        self.bad = BadData()
+        self.refilled = 0
+        self._it: Iterator[Sample] | None = None
+
+    def epoch_length(self, epoch: int) -> int:
+        return epoch_length(self.shards.counts, self.seed, epoch, self.world_size)
+
+    # -- state ------------------------------------------------------------------------------
+
+    def state(self) -> dict:
+        return {
+            "epoch": self.cursor.epoch,
+            "position": self.cursor.position,
+            "world_size": self.world_size,
+        }
+
+    def seek(self, state: dict | None) -> None:
+        """Continue from a checkpoint's cursor. A different number of workers splits the epoch
+        differently, so then the run continues at the start of the next epoch."""
+        if not state:
+            return
+        if int(state.get("world_size", self.world_size)) != self.world_size:
+            self.cursor = Cursor(int(state["epoch"]) + 1, 0)
+        else:
+            self.cursor = Cursor(int(state["epoch"]), int(state["position"]))
+        self._it = None
+
+    # -- samples ----------------------------------------------------------------------------
+
+    def _stream(self, epoch: int) -> Iterator[Sample]:
+        mine = shard_assignment(self.shards.counts, self.seed, epoch, self.world_size)[self.rank]
+        urls = [self.shards.urls[s] for s in mine]
+        ds = _EpochStream(urls, self.seed, epoch, self.rank, self.buffer)
+        workers = min(self.num_workers, len(urls))
+        loader = DataLoader(
+            ds,
+            batch_size=None,
+            num_workers=workers,
+            persistent_workers=False,
+            prefetch_factor=4 if workers else None,
+        )
+        for item in loader:
+            if isinstance(item, BadData):
+                self.bad.merge(item)
+                continue
+            yield item
+
+    def _epoch_samples(self, epoch: int) -> Iterator[Sample]:
+        """Exactly ``epoch_length`` samples; wraps around if bad data left the stream short."""
+        length, n, rounds = self.epoch_length(epoch), 0, 0
+        while n < length:
+            got = 0
+            for s in self._stream(epoch):
+                if n == length:
+                    return
+                got, n = got + 1, n + 1
+                self.refilled += rounds > 0
+                yield s
+            if got == 0:
+                raise DataError(
+                    f"data.shards: rank {self.rank} found no readable sample in its shards of "
+                    f"epoch {epoch} ({'; '.join(self.bad.reasons[:3])})"
+                )
+            rounds += 1
+
+    def next_batch(self, size: int) -> list[Sample]:
+        """``size`` samples; epochs roll over on whole batches (the tail of an epoch that does
+        not fill a batch is dropped, so every rank steps the same number of times)."""
+        per_epoch = self.epoch_length(self.cursor.epoch) // size * size
+        if per_epoch == 0:
+            raise DataError(
+                f"data.shards: an epoch has {self.epoch_length(self.cursor.epoch)} samples per "
+                f"worker, fewer than the per-worker batch of {size}"
+            )
+        if self.cursor.position >= per_epoch:
+            self.cursor, self._it = Cursor(self.cursor.epoch + 1, 0), None
+        if self._it is None:
+            self._it = self._epoch_samples(self.cursor.epoch)
+            for _ in range(self.cursor.position):  # replay up to the cursor (resume)
+                next(self._it)
+        batch = [next(self._it) for _ in range(size)]
+        self.cursor.position += size
+        return batch
+
+    def metrics(self) -> dict[str, int]:
+        return {**self.bad.as_metrics(), "data_refilled": self.refilled}
