@@ -63,3 +63,13 @@ def s3_endpoint():
             else:
                 os.environ[k] = v
         s3fs.S3FileSystem.clear_instance_cache()
+
+
+@pytest.fixture(scope="module")
+def cluster(s3_endpoint):  # the S3 server first: Ray workers inherit its AWS_* variables
+    """A local Ray for the module's training runs (dashboard on 127.0.0.1: Train V2 uses its
+    state API)."""
+    ray = pytest.importorskip("ray")
+    ray.init(num_cpus=4, dashboard_host="127.0.0.1", include_dashboard=True)
+    yield
+    ray.shutdown()

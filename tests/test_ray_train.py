@@ -33,13 +33,6 @@ BASE = [
 ]
 
 
-@pytest.fixture(scope="module")
-def cluster(s3_endpoint):  # the S3 server first: workers inherit its AWS_* variables
-    ray.init(num_cpus=4, dashboard_host="127.0.0.1", include_dashboard=True)
-    yield
-    ray.shutdown()
-
-
 def run(tmp: Path, name: str, *overrides: str, resume: str | None = None) -> dict:
     cfg = load_config(
         "tiny", [*BASE, f"run_name={name}", f"distributed.storage_path={tmp}", *overrides]

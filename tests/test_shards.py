@@ -151,6 +151,17 @@ def test_storage_errors_name_the_url(tmp_path):
         probe(str(tmp_path / "empty"), need_teacher=False)
 
 
+def test_unreachable_storage_is_retried_then_named():
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]  # nothing listens here once the socket closes
+    url = f"http://127.0.0.1:{port}/shards/s-000000.tar"
+    with pytest.raises(DataError, match=f"shard {url}: .* after 3 attempts"):
+        list(read_shard(url, BadData()))
+
+
 def test_s3_urls_through_fsspec_and_webdataset(s3_endpoint):
     import webdataset as wds
 
