@@ -51,6 +51,12 @@ def s3_endpoint():
     os.environ.update(env)
     import s3fs
 
+    import urllib.request
+
+    # moto keeps its state per process: start every module from an empty server
+    urllib.request.urlopen(
+        urllib.request.Request(f"{env['AWS_ENDPOINT_URL']}/moto-api/reset", method="POST")
+    ).close()
     s3fs.S3FileSystem.clear_instance_cache()
     s3fs.S3FileSystem().mkdir("nitro-test")
     try:

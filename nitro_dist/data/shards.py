@@ -212,16 +212,23 @@ def read_shard(url: str, bad: BadData) -> Iterator[Sample]:
         damaged.append(exn)
         return False  # stop reading this shard
 
+    held = None  # a sample is yielded once the next begins: the one at a damage point is cut
     try:
         files = tar_file_expander([{"url": url, "stream": stream}], handler=on_error)
         for raw in group_by_keys(files, handler=on_error):
-            sample = decode(raw, url, bad)
-            if sample is not None:
-                yield sample
+            if held is not None:
+                sample = decode(held, url, bad)
+                if sample is not None:
+                    yield sample
+            held = raw
     except (tarfile.TarError, OSError, EOFError) as e:
         damaged.append(e)
     finally:
         stream.close()
+    if held is not None and not damaged:
+        sample = decode(held, url, bad)
+        if sample is not None:
+            yield sample
     if damaged:
         bad.add("corrupt_shards", f"shard {url}: corrupt or truncated ({damaged[0]!r})")
 
