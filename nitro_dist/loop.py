@@ -246,7 +246,7 @@ def make_batch(run: Run, iteration: int, rank: int = 0, world_size: int = 1) -> 
                     f"teacher.mode=offline but sample {missing[0]} has no teacher.npy: make pair "
                     "shards with python -m nitro_dist.prepare, or set teacher.mode=online"
                 )
-            x0 = torch.stack([s.teacher for s in samples]).to(run.device)
+            x0 = torch.stack([s.teacher for s in samples]).to(run.device, torch.float32)
     else:
         idx = global_batch_indices(cfg.seed, iteration, len(run.train_set), cfg.train.batch_size)
         idx = rank_slice(idx, rank, world_size)

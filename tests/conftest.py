@@ -49,9 +49,9 @@ def s3_endpoint():
     }
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
-    import s3fs
-
     import urllib.request
+
+    import s3fs
 
     # moto keeps its state per process: start every module from an empty server
     urllib.request.urlopen(

@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from nitro_dist import rng
 from nitro_dist.data.shards import BadData, DataError, Sample, ShardList, read_shard
 
+CHUNK = 16  # samples per message from a loader worker
 SHARDS_STREAM = 9  # rng stream id for the shard permutation (rng.py holds streams 1-8)
 
 
@@ -52,25 +53,47 @@ class _EpochStream(IterableDataset):
     def __init__(self, urls: list[str], seed: int, epoch: int, rank: int, buffer: int) -> None:
         self.urls, self.seed, self.epoch, self.rank, self.buffer = urls, seed, epoch, rank, buffer
 
-    def __iter__(self) -> Iterator[Sample | BadData]:
+    def __iter__(self) -> Iterator[tuple | BadData]:
+        """Chunks of CHUNK samples (one message between processes per chunk, not per sample),
+        and each shard's skip counts."""
         info = get_worker_info()
         wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
         r = random.Random(f"{self.seed}/{self.epoch}/{self.rank}/{wid}")
         bad = BadData()
         pool: list[Sample] = []
+        out: list[Sample] = []
         for url in self.urls[wid::nw]:
             for sample in read_shard(url, bad):
-                if self.buffer <= 1:
-                    yield sample
-                    continue
                 pool.append(sample)
                 if len(pool) >= self.buffer:
-                    yield pool.pop(r.randrange(len(pool)))
+                    out.append(pool.pop(r.randrange(len(pool))))
+                    if len(out) == CHUNK:
+                        yield pack(out)
+                        out = []
             if any(bad.as_metrics().values()):
-                yield bad  # this shard's skip counts, summed by the main process
+                yield bad  # summed by the main process
                 bad = BadData()
         r.shuffle(pool)
-        yield from pool
+        out.extend(pool)
+        for i in range(0, len(out), CHUNK):
+            yield pack(out[i : i + CHUNK])
+
+
+def pack(samples: list[Sample]) -> tuple:
+    """One shared-memory tensor per chunk instead of one per sample (DataLoader IPC cost)."""
+    lat = [s.teacher for s in samples]
+    same = all(t is not None for t in lat) and len({tuple(t.shape) for t in lat}) == 1
+    stacked = torch.stack(lat) if same else None
+    light = [Sample(s.key, s.prompt, s.noise_seed, None if same else s.teacher) for s in samples]
+    return light, stacked
+
+
+def unpack(chunk: tuple) -> list[Sample]:
+    light, stacked = chunk
+    if stacked is not None:
+        for s, t in zip(light, stacked, strict=True):
+            s.teacher = t
+    return light
 
 
 @dataclass
@@ -150,7 +173,7 @@ class ShardLoader:
             if isinstance(item, BadData):
                 self.bad.merge(item)
                 continue
-            yield item
+            yield from unpack(item)
 
     def _epoch_samples(self, epoch: int) -> Iterator[Sample]:
         """Exactly ``epoch_length`` samples; wraps around if bad data left the stream short."""

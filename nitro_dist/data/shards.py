@@ -134,7 +134,7 @@ class Sample:
     key: str  # "<shard file>/<key>": unique within a dataset
     prompt: str
     noise_seed: int
-    teacher: torch.Tensor | None = None  # C x H x W x0 (offline teacher mode)
+    teacher: torch.Tensor | None = None  # C x H x W x0 as stored (fp16; offline teacher mode)
 
 
 @dataclass
@@ -195,7 +195,7 @@ def decode(raw: dict, shard: str, bad: BadData) -> Sample | None:
             arr = np.load(io.BytesIO(raw["teacher.npy"]), allow_pickle=False)
             if arr.ndim != 3 or not np.isfinite(arr).all():
                 raise ValueError(f"shape {arr.shape}")
-            teacher = torch.from_numpy(arr.astype(np.float32))
+            teacher = torch.from_numpy(arr)  # as stored (fp16): half the bytes between processes
         except Exception as e:  # noqa: BLE001 - numpy raises several types for bad bytes
             bad.add("bad_latent", f"{key}: teacher.npy undecodable ({e})")
             return None
