@@ -7,6 +7,7 @@ import tarfile
 
 import numpy as np
 import pytest
+import torch
 
 from nitro_dist.data.loader import ShardLoader, shard_assignment
 from nitro_dist.data.shards import (
@@ -175,3 +176,19 @@ def test_s3_urls_through_fsspec_and_webdataset(s3_endpoint):
     assert [s.noise_seed for s in got] == list(range(1_000_000, 1_000_030))
     with pytest.raises(DataError, match="s3://nitro-test/nope-000000.tar: not found"):
         list(read_shard("s3://nitro-test/nope-000000.tar", BadData()))
+
+
+def test_online_teacher_trains_from_prompt_shards(tiny_cfg, digits_shards):
+    """teacher.mode=online: prompts and seeds from the shards, the teacher runs in the step."""
+    from nitro_dist.loop import build_run, train_step
+
+    cfg = tiny_cfg("data.source=shards", f"data.shards={digits_shards}", "data.num_workers=0")
+    run = build_run(cfg, progress=False)
+    before = [p.detach().clone() for p in run.models.student.parameters()]
+    metrics = train_step(run, 0)
+    assert run.loader.cursor.position == cfg.train.batch_size
+    assert metrics["g_loss"] == metrics["g_loss"]  # finite
+    changed = any(
+        not torch.equal(a, b) for a, b in zip(before, run.models.student.parameters(), strict=True)
+    )
+    assert changed
