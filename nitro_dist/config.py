@@ -154,6 +154,24 @@ class DistributedConfig:
 
 
 @dataclass(kw_only=True)
+class TuneConfig:
+    """``python -m nitro_dist.tune``: what to sweep and how (ignored by plain training).
+
+    ``search_space`` maps dotted config keys to one of {"grid": [...]}, {"choice": [...]},
+    {"uniform": [lo, hi]}, {"loguniform": [lo, hi]}, {"randint": [lo, hi]}.
+    """
+
+    metric: str = "fid_digits_1step"
+    mode: Literal["min", "max"] = "min"
+    num_samples: int = 1  # repeats of the grid (or random draws of the other domains)
+    search_space: dict[str, Any] = field(default_factory=dict)
+    grace_period: int = 100  # ASHA: iterations before a trial can be stopped
+    reduction_factor: int = 2
+    max_concurrent: int = 1  # trials at once (each runs distributed.num_workers workers)
+    storage_path: str = "tune_runs"  # the sweep's folder (local or s3://)
+
+
+@dataclass(kw_only=True)
 class LoggingConfig:
     wandb: bool = True  # offline unless wandb_mode says otherwise; false turns it off
     wandb_mode: Literal["offline", "online", "disabled"] = "offline"
@@ -175,6 +193,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    tune: TuneConfig = field(default_factory=TuneConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
 
@@ -260,10 +279,15 @@ def to_dict(cfg: Any) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
+REPLACED_MAPPINGS = {"search_space"}  # mappings an override replaces instead of merging
+
+
 def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
     out = dict(base)
     for k, v in update.items():
-        if isinstance(v, dict) and isinstance(out.get(k), dict) and k in out:
+        if k in REPLACED_MAPPINGS:
+            out[k] = v
+        elif isinstance(v, dict) and isinstance(out.get(k), dict) and k in out:
             # free-form dict fields (scheduler_overrides) merge too; that is what users expect
             out[k] = _merge(out[k], v)
         else:
@@ -339,6 +363,30 @@ def config_from_dict(data: dict[str, Any]) -> Config:
     return cfg
 
 
+def get_key(cfg: Config, key: str) -> Any:
+    """The value at a dotted key; ValueError naming the key when there is none."""
+    node: Any = cfg
+    for i, part in enumerate(key.split(".")):
+        if not dataclasses.is_dataclass(node) or part not in {
+            f.name for f in dataclasses.fields(node)
+        }:
+            where = ".".join(key.split(".")[:i]) or "config"
+            raise ValueError(f"unknown config key {key} (no {part!r} in {where})")
+        node = getattr(node, part)
+    return node
+
+
+def with_values(cfg: Config, values: dict[str, Any]) -> Config:
+    """``cfg`` with dotted keys set (type-checked and validated like overrides)."""
+    data = to_dict(cfg)
+    for key, value in values.items():
+        get_key(cfg, key)
+        data = _merge(data, _nest(key.split("."), value))
+    out = from_dict(Config, data)
+    validate(out)
+    return out
+
+
 def validate(cfg: Config) -> None:
     """Range checks that types cannot express; each error names its key."""
 
@@ -406,6 +454,10 @@ def validate(cfg: Config) -> None:
     need(d.max_failures >= -1, "distributed.max_failures", "must be >= 0 (or -1: unlimited)")
     need(0 <= d.fail_rank < d.num_workers, "distributed.fail_rank", "must be a rank of this run")
     need(bool(d.storage_path), "distributed.storage_path", "must not be empty")
+    need(cfg.tune.num_samples >= 1, "tune.num_samples", "must be >= 1")
+    need(cfg.tune.max_concurrent >= 1, "tune.max_concurrent", "must be >= 1")
+    need(cfg.tune.grace_period >= 1, "tune.grace_period", "must be >= 1")
+    need(cfg.tune.reduction_factor >= 2, "tune.reduction_factor", "must be >= 2")
     if cfg.model.source == "diffusers":
         need(bool(cfg.model.teacher_path), "model.teacher_path", "required for source=diffusers")
     need(cfg.data.resolution >= 8, "data.resolution", "must be >= 8")

@@ -110,14 +110,26 @@ def check_reachable(address: str, timeout_s: float = 5.0) -> None:
 def launch(cfg: Config, resume: str | None = None) -> dict[str, Any]:
     """Train ``cfg`` on Ray Train; returns the final metrics plus ``checkpoint`` and ``run_dir``.
     Rerunning with the same run_name and storage_path continues from the latest checkpoint."""
-    import ray.train
-    from ray.train.torch import TorchConfig, TorchTrainer
-
     if cfg.data.source == "shards":  # bad data stops here, before any worker starts
         from nitro_dist.data.shards import probe
 
         probe(cfg.data.shards, need_teacher=cfg.teacher.mode == "offline")
     connect(cfg)
+    trainer, storage, fs = make_trainer(cfg, resume)
+    result = trainer.fit()
+    out = dict(result.metrics or {})
+    out["run_dir"] = f"{storage}/{cfg.run_name}"
+    if result.checkpoint is not None:
+        path = result.checkpoint.path
+        out["checkpoint"] = path if fs is None else f"{storage.split('://')[0]}://{path}"
+    return out
+
+
+def make_trainer(cfg: Config, resume: str | None = None, callbacks: list | None = None):
+    """(TorchTrainer, resolved storage, pyarrow fs or None); ``callbacks`` e.g. Tune's."""
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
     d = cfg.distributed
     storage = resolve_storage(d.storage_path)
     path, fs = ray_storage(storage)
@@ -139,18 +151,10 @@ def launch(cfg: Config, resume: str | None = None) -> dict[str, Any]:
             storage_filesystem=fs,
             failure_config=ray.train.FailureConfig(max_failures=d.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
+            callbacks=callbacks or None,
         ),
     )
-    result = trainer.fit()
-    out = dict(result.metrics or {})
-    out["run_dir"] = f"{storage}/{cfg.run_name}"
-    if result.checkpoint is not None:
-        out["checkpoint"] = (
-            result.checkpoint.path
-            if fs is None
-            else f"{storage.split('://')[0]}://{result.checkpoint.path}"
-        )
-    return out
+    return trainer, storage, fs
 
 
 # ---------------------------------------------------------------------------------------------
