@@ -220,14 +220,9 @@ def write_run_checkpoint(run: Run, folder: Path) -> None:
     from nitro_dist.evaluation import scheduler_for
 
     it, lead = run.state["iteration"], run.rank == 0
-    weights = run.g.full_state_dict()
+    student = run.g.full_module()  # fp32, full (gathered under ZeRO-3: collective)
     run.g.save(folder / "optimizer", write=lead)
     if lead:
-        student = run.models.student
-        if getattr(run.g, "stage", 0) == 3 or next(student.parameters()).dtype != torch.float32:
-            # DeepSpeed: the module holds partitions (ZeRO-3) or bf16 copies; save the fp32 master
-            student = type(student).from_config(student.config)
-            student.load_state_dict(weights)
         student.save_pretrained(folder / "generator", safe_serialization=True)
         if run.ema is not None:
             run.ema.save_pretrained(folder / "generator_ema", safe_serialization=True)

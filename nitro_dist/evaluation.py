@@ -22,13 +22,10 @@ def generator_for_eval(run: Run) -> torch.nn.Module:
     (under ZeRO-3 G's weights are partitioned and gathering them is collective)."""
     if run.ema is not None:
         return run.ema
-    if getattr(run.g, "stage", 0) != 3:
-        return run.models.student
-    state = run.g.full_state_dict()
-    student = run.models.student
-    copy = type(student).from_config(student.config).to(run.device)
-    copy.load_state_dict(state)
-    return copy.requires_grad_(False).eval()
+    unet = run.g.full_module()
+    if unet is run.models.student:
+        return unet
+    return unet.to(run.device).requires_grad_(False).eval()
 
 
 @torch.no_grad()

@@ -115,8 +115,8 @@ class TorchUpdate:
     def full_params(self) -> Iterator[list[torch.nn.Parameter]]:
         yield list(self.student.parameters())
 
-    def full_state_dict(self) -> dict[str, torch.Tensor]:
-        return {k: v.detach() for k, v in self.student.state_dict().items()}
+    def full_module(self) -> torch.nn.Module:
+        return self.student
 
     def save(self, folder: Path, write: bool) -> None:
         if write:
@@ -186,14 +186,7 @@ def build_run(
         original_steps=cfg.sampler.original_inference_steps,
     )
     tcfg = cfg.teacher
-    teacher_sampler = TeacherSampler(
-        models.schedule,
-        scheduler=tcfg.scheduler,
-        num_steps=tcfg.num_steps,
-        guidance_scale=tcfg.guidance_scale,
-        timesteps=tcfg.timesteps,
-        overrides=tcfg.scheduler_overrides,
-    )
+    teacher_sampler = TeacherSampler.from_config(models.schedule, tcfg)
     conds = CondCache(models, device)
     layout = make_layout(cfg.pool, level_shapes(models.teacher, models.sample_shape, conds([""])))
     train_set = training_prompts(cfg)

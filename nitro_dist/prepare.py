@@ -49,15 +49,7 @@ class PairWriter:
         self.models = build_models(cfg.model, cfg.seed)
         self.models.teacher.to(self.device)
         self.models.text.to(self.device)
-        t = cfg.teacher
-        self.sampler = TeacherSampler(
-            self.models.schedule,
-            scheduler=t.scheduler,
-            num_steps=t.num_steps,
-            guidance_scale=t.guidance_scale,
-            timesteps=t.timesteps,
-            overrides=t.scheduler_overrides,
-        )
+        self.sampler = TeacherSampler.from_config(self.models.schedule, cfg.teacher)
         self.out, self.batch_size = out, batch_size
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:

@@ -142,6 +142,18 @@ def seeded_noise(seeds: list[int], shape: tuple[int, ...], step: int = 0) -> tor
 class TeacherSampler:
     """A frozen multi-step sampler from any diffusers scheduler class (DDIM, LCM, Euler, ...)."""
 
+    @classmethod
+    def from_config(cls, schedule: dict[str, Any], teacher_cfg) -> TeacherSampler:
+        """From the config's ``teacher`` section (scheduler, steps, CFG, timesteps, overrides)."""
+        return cls(
+            schedule,
+            scheduler=teacher_cfg.scheduler,
+            num_steps=teacher_cfg.num_steps,
+            guidance_scale=teacher_cfg.guidance_scale,
+            timesteps=teacher_cfg.timesteps,
+            overrides=teacher_cfg.scheduler_overrides,
+        )
+
     def __init__(
         self,
         schedule: dict[str, Any],

@@ -39,15 +39,7 @@ def test_prepare_writes_teacher_pairs_and_resumes(pairs):
     assert all(s.teacher is not None and s.teacher.shape == (1, 8, 8) for s in got)
     # the stored latents are the online teacher's output for the same (prompt, seed)
     models = build_models(cfg.model, cfg.seed)
-    t = cfg.teacher
-    sampler = TeacherSampler(
-        models.schedule,
-        scheduler=t.scheduler,
-        num_steps=t.num_steps,
-        guidance_scale=t.guidance_scale,
-        timesteps=t.timesteps,
-        overrides=t.scheduler_overrides,
-    )
+    sampler = TeacherSampler.from_config(models.schedule, cfg.teacher)
     online = teacher_x0(
         models.teacher,
         models.text,

@@ -131,9 +131,14 @@ class ShardLoader:
         self.bad = BadData()
         self.refilled = 0
         self._it: Iterator[Sample] | None = None
+        self._lengths: dict[int, int] = {}
 
     def epoch_length(self, epoch: int) -> int:
-        return epoch_length(self.shards.counts, self.seed, epoch, self.world_size)
+        if epoch not in self._lengths:  # next_batch asks every batch: compute once per epoch
+            self._lengths = {
+                epoch: epoch_length(self.shards.counts, self.seed, epoch, self.world_size)
+            }
+        return self._lengths[epoch]
 
     # -- state ------------------------------------------------------------------------------
 

@@ -113,6 +113,15 @@ class DeepSpeedUpdate:
         out.update({n: b.detach().cpu() for n, b in self.student.named_buffers()})
         return out
 
+    def full_module(self) -> torch.nn.Module:
+        """G with full fp32 weights: the module itself unless it holds ZeRO-3 partitions or bf16
+        copies, else a fresh copy from the gathered master (collective: every rank calls)."""
+        if self.stage != 3 and next(self.student.parameters()).dtype == torch.float32:
+            return self.student
+        copy = type(self.student).from_config(self.student.config)
+        copy.load_state_dict(self.full_state_dict())
+        return copy
+
     # -- optimizer state, consolidated ------------------------------------------------------
 
     def _named_params(self) -> list[tuple[str, torch.nn.Parameter]]:
