@@ -1,0 +1,72 @@
+"""Checkpoints in object storage (s3://..., any fsspec URL) for inference: find the newest
+complete one and copy the parts a generator needs into a local cache."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+from nitro_dist.distributed.ray_train import is_remote
+
+# what inference reads from a checkpoint (the heads and optimizer state stay remote)
+INFERENCE_PARTS = ("generator", "generator_ema", "scheduler", "config.yaml", "trainer_state.json")
+CACHE = Path(os.environ.get("NITRO_CACHE", Path.home() / ".cache" / "nitro_dist")) / "checkpoints"
+
+__all__ = ["is_remote", "local_checkpoint", "remote_checkpoint"]
+
+
+def _complete(fs, path: str) -> bool:
+    state = f"{path}/trainer_state.json"
+    if not fs.exists(state):
+        return False
+    world = int(json.loads(fs.cat_file(state)).get("world_size", 1))
+    if not fs.exists(f"{path}/ranks"):
+        return True
+    return all(fs.exists(f"{path}/ranks/rank_{r:05d}.json") for r in range(world))
+
+
+def remote_checkpoint(url: str) -> str:
+    """``url`` is a checkpoint folder or a run folder (-> its newest complete ``iter_*``)."""
+    import fsspec
+
+    try:
+        fs, path = fsspec.core.url_to_fs(url.rstrip("/"))
+        if _complete(fs, path):
+            return url.rstrip("/")
+        names = sorted(p.rsplit("/", 1)[-1] for p in fs.ls(path, detail=False))
+    except FileNotFoundError:
+        raise ValueError(f"checkpoint: nothing at {url}") from None
+    except Exception as e:  # unreachable endpoint, bad credentials, ...
+        raise ValueError(f"checkpoint: cannot read {url}: {e}") from e
+    for name in reversed([n for n in names if n.startswith("iter_")]):
+        if _complete(fs, f"{path}/{name}"):
+            return f"{url.rstrip('/')}/{name}"
+    raise ValueError(f"checkpoint: no complete checkpoint under {url}")
+
+
+def local_checkpoint(spec: str) -> str:
+    """A local folder holding the checkpoint's inference parts (``spec`` itself if local)."""
+    if not is_remote(spec):
+        return spec
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(spec)
+    dest = CACHE / hashlib.sha256(spec.encode()).hexdigest()[:16]
+    done = dest / ".complete"
+    if not done.exists():
+        tmp = dest.with_name(dest.name + f".tmp{os.getpid()}")
+        tmp.mkdir(parents=True, exist_ok=True)
+        for part in INFERENCE_PARTS:
+            src = f"{path}/{part}"
+            if fs.isdir(src):
+                fs.get(src, str(tmp / part), recursive=True)
+            elif fs.exists(src):
+                fs.get_file(src, str(tmp / part))
+        (tmp / ".complete").write_text(spec)
+        try:
+            tmp.rename(dest)
+        except OSError:  # another replica on this node finished first
+            pass
+    return str(dest)

@@ -1,0 +1,324 @@
+"""Ray Serve app over real HTTP on 127.0.0.1: a digits checkpoint (made by the training loop)
+served by ``nitro_dist.serve:app``; the right digit comes out (shipped metric net), same seed ->
+same PNG, bad input -> 4xx naming the field while the server keeps serving, an overload burst ->
+503s and nothing else 5xx, a checkpoint in S3 (moto) serves the same images, and the web page
+works in headless Chromium."""
+
+import base64
+import io
+import json
+import shutil
+import socket
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from nitro_dist.config import load_config
+from nitro_dist.digits.data import PROMPTS
+from nitro_dist.digits.metric import DigitsEvaluator
+from nitro_dist.inference import Generator
+from nitro_dist.loop import train
+from nitro_dist.serving import Job, encode_png, run_jobs
+
+serve = pytest.importorskip("ray.serve")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("serverun")
+    cfg = load_config(
+        "digits",
+        [
+            "train.iterations=2",
+            "train.eval_every=0",
+            "train.sample_every=0",
+            "train.checkpoint_every=0",
+            "train.batch_size=16",
+            "teacher.offline_pairs=64",
+            "logging.wandb=false",
+            "logging.progress=false",
+        ],
+    )
+    train(cfg, out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def base_url(run_dir, s3_endpoint):  # S3 first: Ray's processes inherit its AWS_* variables
+    import ray
+    import s3fs
+
+    from nitro_dist.serve import app
+
+    s3fs.S3FileSystem().put(str(run_dir / "checkpoints"), "nitro-test/served", recursive=True)
+    port = _free_port()
+    ray.init(num_cpus=4, include_dashboard=False)
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        common = {"batch_wait_ms": "20", "device": "cpu"}
+        serve.run(app({"checkpoint": str(run_dir), **common}), name="main", route_prefix="/")
+        busy = {"max_ongoing_requests": 1, "max_queued_requests": 1, "max_batch_size": 1}
+        serve.run(
+            app({"checkpoint": str(run_dir), **common, **busy}), name="busy", route_prefix="/busy"
+        )
+        serve.run(
+            app({"checkpoint": "s3://nitro-test/served", **common}), name="s3", route_prefix="/s3"
+        )
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+def post(url: str, body, timeout: float = 60) -> tuple[int, Any, bytes]:
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return r.status, r.headers, r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.headers, e.read()
+
+
+def decode(png: bytes) -> torch.Tensor:
+    arr = np.asarray(Image.open(io.BytesIO(png)), dtype=np.float32)
+    return torch.from_numpy(arr)[None, None] / 127.5 - 1  # 1 x 1 x H x W in [-1, 1]
+
+
+def images_of(body: bytes) -> list[bytes]:
+    return [base64.b64decode(s) for s in json.loads(body)["images"]]
+
+
+def test_run_jobs_groups_by_steps_and_size_and_keeps_order(run_dir):
+    gen = Generator.from_checkpoint(run_dir)
+    jobs = [
+        Job(PROMPTS[3], 1, 10, 2, 8, 8),
+        Job(PROMPTS[5], 4, 20, 1, 8, 8),
+        Job(PROMPTS[7], 1, 30, 1, 16, 16),
+        Job(PROMPTS[1], 1, 40, 1, 8, 8),
+    ]
+    together = run_jobs(gen, jobs)
+    assert [r.seeds for r in together] == [[10, 11], [20], [30], [40]]
+    assert [r.batch_images for r in together] == [3, 1, 1, 3]  # job 0 and 3 shared a call
+    for job, res in zip(jobs, together, strict=True):
+        alone = run_jobs(gen, [job])[0]
+        for a, b in zip(alone.pngs, res.pngs, strict=True):
+            assert (decode(a) - decode(b)).abs().max() <= 2 / 127.5  # batch numerics, <= 1 level
+    assert Image.open(io.BytesIO(together[2].pngs[0])).size == (16, 16)
+
+
+def test_right_digit_comes_out(base_url):
+    images, labels = [], []
+    for d in list(range(10)) * 2:
+        seed = 100 + len(images)
+        status, headers, body = post(
+            f"{base_url}/v1/images", {"prompt": PROMPTS[d], "steps": 1, "seed": seed}
+        )
+        assert status == 200, body
+        assert headers["X-Seeds"] == str(seed) and headers["X-Steps"] == "1"
+        (png,) = images_of(body)
+        assert Image.open(io.BytesIO(png)).size == (8, 8)
+        images.append(decode(png))
+        labels.append(d)
+    # a 2-iteration checkpoint: about the teacher's 1-step quality (97.5% on 200 images)
+    acc = DigitsEvaluator().alignment(torch.cat(images), torch.tensor(labels))
+    assert acc >= 0.9, acc
+    for steps in (2, 3, 4):
+        status, headers, body = post(
+            f"{base_url}/v1/images", {"prompt": PROMPTS[1], "steps": steps}
+        )
+        assert status == 200 and headers["X-Steps"] == str(steps)
+    # several images in one request: consecutive seeds, PNG answer is a strip of them
+    status, headers, body = post(
+        f"{base_url}/v1/images",
+        {"prompt": PROMPTS[2], "num_images": 3, "seed": 7, "format": "png"},
+    )
+    assert status == 200 and headers["content-type"] == "image/png"
+    assert headers["X-Seeds"] == "7,8,9"
+    assert Image.open(io.BytesIO(body)).size == (24, 8)
+
+
+def test_same_seed_same_image_and_same_as_the_sampler(base_url, run_dir):
+    req = {"prompt": PROMPTS[4], "steps": 2, "seed": 1234}
+    a = images_of(post(f"{base_url}/v1/images", req)[2])[0]
+    b = images_of(post(f"{base_url}/v1/images", req)[2])[0]
+    c = images_of(post(f"{base_url}/v1/images", {**req, "seed": 1235})[2])[0]
+    assert a == b and a != c
+    direct = Generator.from_checkpoint(run_dir)([PROMPTS[4]], [1234], 2)[0]
+    assert (decode(a) - decode(encode_png(direct))).abs().max() <= 2 / 127.5
+    # concurrent requests (batched together) give what they give alone
+    reqs = [{"prompt": PROMPTS[d], "steps": 1 + d % 4, "seed": d} for d in range(8)]
+    alone = [images_of(post(f"{base_url}/v1/images", r)[2])[0] for r in reqs]
+    with ThreadPoolExecutor(8) as pool:
+        together = list(pool.map(lambda r: images_of(post(f"{base_url}/v1/images", r)[2])[0], reqs))
+    for x, y in zip(alone, together, strict=True):
+        assert (decode(x) - decode(y)).abs().max() <= 2 / 127.5
+    # a random seed is chosen and reported when none is given
+    status, headers, body = post(f"{base_url}/v1/images", {"prompt": PROMPTS[4]})
+    assert status == 200 and json.loads(body)["seeds"] == [int(headers["X-Seeds"])]
+
+
+BAD = [
+    (b'{"prompt": "a handwritten digit one", ', 400, "body"),
+    (b"[1, 2]", 422, "body"),
+    ({"prompt": "a handwritten digit one", "stpes": 2}, 422, "stpes"),
+    ({"prompt": "a handwritten digit one", "steps": 0}, 422, "steps"),
+    ({"prompt": "a handwritten digit one", "steps": 5}, 422, "steps"),
+    ({"prompt": "a handwritten digit one", "steps": "2"}, 422, "steps"),
+    ({"prompt": "a handwritten digit one", "height": 9}, 422, "height"),
+    ({"prompt": "a handwritten digit one", "height": 2}, 422, "height"),
+    ({"prompt": "a handwritten digit one", "width": 4096}, 422, "width"),
+    ({"prompt": "a handwritten digit one", "num_images": 9}, 422, "num_images"),
+    ({"prompt": "a handwritten digit one", "num_images": 0}, 422, "num_images"),
+    ({"prompt": "a handwritten digit one", "seed": -1}, 422, "seed"),
+    ({"prompt": "a handwritten digit one", "format": "gif"}, 422, "format"),
+    ({"prompt": ""}, 422, "prompt"),
+    ({"prompt": "   "}, 422, "prompt"),
+    ({"prompt": "x" * 2001}, 422, "prompt"),
+    ({"steps": 1}, 422, "prompt"),
+]
+
+
+def test_bad_input_is_4xx_naming_the_field_and_the_server_keeps_serving(base_url):
+    for body, code, field in BAD:
+        status, _, out = post(f"{base_url}/v1/images", body)
+        err = json.loads(out)
+        assert status == code, (body, status, out)
+        assert err["field"] == field and err["error"].startswith(field), (body, err)
+    # over-long prompt: truncated to the encoder's limit, and the answer says so
+    long_prompt = " ".join([PROMPTS[6]] * 10)
+    status, headers, body = post(f"{base_url}/v1/images", {"prompt": long_prompt, "seed": 1})
+    assert status == 200
+    assert "the text encoder read the first 16" in headers["X-Prompt-Truncated"]
+    assert json.loads(body)["truncated"] is True
+    status, headers, _ = post(f"{base_url}/v1/images", {"prompt": PROMPTS[6], "seed": 1})
+    assert status == 200 and "X-Prompt-Truncated" not in headers
+    with urllib.request.urlopen(f"{base_url}/healthz", timeout=30) as r:
+        health = json.loads(r.read())
+    assert health["status"] == "ok" and health["limits"]["native"] == 8
+
+
+def test_overload_burst_gets_503_and_no_other_5xx(base_url):
+    body = {"prompt": PROMPTS[8], "steps": 4, "num_images": 8, "seed": 0}
+    with ThreadPoolExecutor(24) as pool:
+        results = list(pool.map(lambda _: post(f"{base_url}/busy/v1/images", body), range(24)))
+    statuses = [s for s, _, _ in results]
+    assert set(statuses) <= {200, 503}, statuses
+    assert statuses.count(503) >= 1 and statuses.count(200) >= 1, statuses
+    for status, _, out in results:  # from the ingress (busy) or Serve's proxy (backpressure)
+        assert status == 200 or b"busy" in out or b"backpressure" in out, out
+    assert post(f"{base_url}/busy/v1/images", body)[0] == 200  # and it recovers
+
+
+def test_checkpoint_in_s3_serves_the_same_images(base_url):
+    req = {"prompt": PROMPTS[9], "steps": 2, "seed": 77}
+    local = images_of(post(f"{base_url}/v1/images", req)[2])[0]
+    status, _, body = post(f"{base_url}/s3/v1/images", req)
+    assert status == 200 and images_of(body)[0] == local
+
+
+def test_app_arguments_are_checked_before_anything_starts(tmp_path, monkeypatch):
+    from pydantic import ValidationError
+
+    from nitro_dist.serve import APP_ARGS, app
+
+    assert "checkpoint" in APP_ARGS and "max_batch_size" in APP_ARGS
+    with pytest.raises(ValidationError, match="max_batchsize"):
+        app({"max_batchsize": "4"})
+    with pytest.raises(ValidationError, match="replicas"):
+        app({"replicas": "many"})
+    with pytest.raises(ValueError, match="no checkpoint found at /nonexistent"):
+        app({"checkpoint": "/nonexistent"})
+    monkeypatch.chdir(tmp_path)  # no runs/digits here
+    with pytest.raises(ValueError, match="python -m nitro_dist.train"):
+        app({})
+
+
+def _browser():
+    chromium, driver = shutil.which("chromium"), shutil.which("chromedriver")
+    if not (chromium and driver):
+        pytest.skip("needs Debian's chromium and chromium-driver (.ci/run installs them)")
+    webdriver = pytest.importorskip("selenium.webdriver")
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = chromium
+    for flag in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--no-first-run",
+    ):
+        opts.add_argument(flag)
+    return webdriver.Chrome(service=webdriver.ChromeService(executable_path=driver), options=opts)
+
+
+@pytest.mark.browser
+def test_web_page_makes_an_image_in_headless_chromium(base_url):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select, WebDriverWait
+
+    browser = _browser()
+    try:
+        browser.set_page_load_timeout(60)
+        browser.get(base_url + "/")
+        wait = WebDriverWait(browser, 60)
+        wait.until(lambda b: "checkpoint" in b.find_element(By.ID, "model").text)
+        browser.find_element(By.ID, "prompt").send_keys(PROMPTS[3])
+        Select(browser.find_element(By.ID, "steps")).select_by_value("2")
+        num = browser.find_element(By.ID, "num_images")
+        num.clear()
+        num.send_keys("2")
+        browser.find_element(By.ID, "seed").send_keys("5")
+        browser.find_element(By.ID, "generate").click()
+        wait.until(lambda b: len(b.find_elements(By.CSS_SELECTOR, "img.result")) == 2)
+        srcs = [
+            i.get_attribute("src") for i in browser.find_elements(By.CSS_SELECTOR, "img.result")
+        ]
+        status = browser.find_element(By.ID, "status").text
+    finally:
+        browser.quit()
+    assert "2 step(s)" in status, status
+    pngs = [base64.b64decode(s.split(",", 1)[1]) for s in srcs]
+    same = images_of(
+        post(
+            f"{base_url}/v1/images", {"prompt": PROMPTS[3], "steps": 2, "seed": 5, "num_images": 2}
+        )[2]
+    )
+    assert pngs == same
+    pred = DigitsEvaluator().alignment(torch.cat([decode(p) for p in pngs]), torch.tensor([3, 3]))
+    assert pred >= 0.5  # one of the two at least: a 2-iteration checkpoint at 2 steps
+
+
+def test_cli_serve_run_reports_a_missing_checkpoint(tmp_path):
+    """``serve run nitro_dist.serve:app checkpoint=...`` fails fast with the message."""
+    import subprocess
+    import sys
+
+    serve_cli = Path(sys.executable).with_name("serve")
+    t0 = time.time()
+    out = subprocess.run(
+        [str(serve_cli), "run", "nitro_dist.serve:app", f"checkpoint={tmp_path}/none"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode != 0
+    assert "no checkpoint found" in out.stdout + out.stderr
+    assert time.time() - t0 < 120
