@@ -215,6 +215,7 @@ class Ingress:
             "X-Seeds": ",".join(map(str, result.seeds)),
             "X-Steps": str(req.steps),
             "X-Prompt-Tokens": str(result.prompt_tokens),
+            "X-Batch-Images": str(result.batch_images),  # images in the model call it rode in
         }
         if result.truncated:
             headers["X-Prompt-Truncated"] = (

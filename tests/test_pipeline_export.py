@@ -2,7 +2,7 @@
 gives what the project's own sampler gives (the three lines in the README)."""
 
 import torch
-from diffusers import StableDiffusionXLPipeline
+from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
 
 from nitro_dist.models.builders import build_tiny_sdxl
 from nitro_dist.sampling import NitroLCMScheduler, StudentDenoiser
@@ -10,7 +10,10 @@ from nitro_dist.sampling import NitroLCMScheduler, StudentDenoiser
 
 def test_stock_sdxl_pipeline_matches_student_sampler(tmp_path):
     m = build_tiny_sdxl(0, with_vae=True)
+    # a checkpoint's two inference folders, as training writes them (safetensors + configs)
+    m.student.save_pretrained(tmp_path / "generator", safe_serialization=True)
     NitroLCMScheduler(shift=250).save_pretrained(tmp_path / "scheduler")
+    assert not list(tmp_path.rglob("*.bin"))  # no pickle anywhere
     pipe = StableDiffusionXLPipeline(
         vae=m.vae,
         text_encoder=m.text.encoders[0],
@@ -18,8 +21,11 @@ def test_stock_sdxl_pipeline_matches_student_sampler(tmp_path):
         tokenizer=m.text.tokenizers[0],
         tokenizer_2=m.text.tokenizers[1],
         unet=m.student,
-        scheduler=NitroLCMScheduler.from_pretrained(tmp_path / "scheduler"),
+        scheduler=NitroLCMScheduler(),  # both replaced below, from the saved folders
     )
+    # the README's three lines
+    pipe.unet = UNet2DConditionModel.from_pretrained(tmp_path / "generator", use_safetensors=True)
+    pipe.scheduler = NitroLCMScheduler.from_pretrained(tmp_path / "scheduler")
     side = m.student.config.sample_size * pipe.vae_scale_factor
     denoiser = StudentDenoiser(m.schedule, shift=250)
     cond = m.text.encode(["a red cube"], (side, side))
