@@ -21,6 +21,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
+from ray.exceptions import RayActorError
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
@@ -181,10 +182,14 @@ class Ingress:
 
     @api.get("/healthz")
     async def healthz(self) -> JSONResponse:
+        """Live: asks a generator replica each time (the cached limits would outlive it)."""
         try:
-            info = await asyncio.wait_for(self._model_info(), timeout=10)
-        except Exception as e:  # the generator is not up (yet): say so, don't crash
+            info = await asyncio.wait_for(self.generator.info.remote(), timeout=10)
+        except BackPressureError:
+            return JSONResponse({"status": "busy"}, status_code=503, headers={"Retry-After": "1"})
+        except Exception as e:  # not up yet, restarting, or gone: say so, don't crash
             return JSONResponse({"status": "unavailable", "error": repr(e)}, status_code=503)
+        self._info = info
         return JSONResponse({"status": "ok", **info})
 
     @api.post("/v1/images")
@@ -210,6 +215,13 @@ class Ingress:
                 {"error": f"server busy, retry shortly ({e})"},
                 status_code=503,
                 headers={"Retry-After": "1"},
+            )
+        except RayActorError as e:  # also ActorDiedError, ActorUnavailableError
+            # the replica died under this request; Serve is starting a new one
+            return JSONResponse(
+                {"error": f"generator replica restarting, retry shortly ({type(e).__name__})"},
+                status_code=503,
+                headers={"Retry-After": "5"},
             )
         headers = {
             "X-Seeds": ",".join(map(str, result.seeds)),

@@ -322,3 +322,26 @@ def test_cli_serve_run_reports_a_missing_checkpoint(tmp_path):
     assert out.returncode != 0
     assert "no checkpoint found" in out.stdout + out.stderr
     assert time.time() - t0 < 120
+
+
+def test_a_killed_generator_replica_is_replaced_and_serving_goes_on(base_url):
+    """Kill the 'main' app's generator replica process: requests meanwhile get 200 or 503
+    (never another 5xx), and within a bounded time the new replica answers."""
+    import ray
+    from ray.util import list_named_actors
+
+    names = [a for a in list_named_actors(all_namespaces=True) if "main#Generator" in a["name"]]
+    assert len(names) == 1, names
+    ray.kill(ray.get_actor(names[0]["name"], namespace=names[0]["namespace"]), no_restart=True)
+    req = {"prompt": PROMPTS[5], "seed": 3}
+    statuses, deadline = [], time.monotonic() + 120
+    while time.monotonic() < deadline and len(statuses) < 200:
+        status = post(f"{base_url}/v1/images", req, timeout=60)[0]
+        statuses.append(status)
+        if status == 200 and len(statuses) > 1:
+            break
+        time.sleep(0.5)
+    assert statuses[-1] == 200, statuses
+    assert set(statuses) <= {200, 503}, statuses
+    with urllib.request.urlopen(f"{base_url}/healthz", timeout=30) as r:
+        assert json.loads(r.read())["status"] == "ok"
