@@ -45,6 +45,10 @@ LATEST = "latest"
 # optimizer state <-> safetensors + json
 
 
+# param_group keys that choose an implementation, not the maths: a checkpoint does not set them
+IMPLEMENTATION_KEYS = ("fused", "foreach", "capturable", "differentiable")
+
+
 def optimizer_tensors(
     opt: torch.optim.Optimizer, params: list[torch.nn.Parameter], prefix: str = ""
 ) -> dict[str, torch.Tensor]:
@@ -65,13 +69,18 @@ def load_optimizer_tensors(
     tensors: dict[str, torch.Tensor],
     prefix: str = "",
 ) -> None:
+    # fused (and capturable) AdamW keep the step count next to the parameter, the others on CPU
+    step_on_device = any(g.get("fused") or g.get("capturable") for g in opt.param_groups)
     for i, p in enumerate(params):
         state = {}
         head = f"{prefix}{i}."
         for key, v in tensors.items():
             if key.startswith(head):
                 name = key[len(head) :]
-                state[name] = v.to(p.device) if name != "step" else v.to(torch.float32)
+                if name == "step":
+                    state[name] = v.to(p.device if step_on_device else "cpu", torch.float32)
+                else:
+                    state[name] = v.to(p.device)
         if state:
             opt.state[p] = state
         else:
@@ -94,6 +103,8 @@ def load_optimizer(
     groups = json.loads((folder / "param_groups.json").read_text())
     for g, saved in zip(opt.param_groups, groups, strict=True):
         for k, v in saved.items():
+            if k in IMPLEMENTATION_KEYS:  # how AdamW runs is the config's choice (optim.fused)
+                continue
             g[k] = tuple(v) if isinstance(g.get(k), tuple) else v
 
 

@@ -81,6 +81,7 @@ class PoolConfig:
     lr: float = 2e-4
     betas: list[float] = field(default_factory=lambda: [0.0, 0.99])
     weight_decay: float = 0.0
+    fused: bool = False  # the heads' AdamW as torch's fused kernel (fewer launches on GPU)
 
 
 @dataclass(kw_only=True)
@@ -97,6 +98,10 @@ class OptimConfig:
     grad_clip: float = 1.0
     ema_decay: float = 0.0  # 0 = no EMA of G
     d_steps_per_g_step: int = 1
+    # G's AdamW as torch's fused kernel: one pass over weights, gradients and state and no
+    # full-size temporaries (the default foreach AdamW allocates one as large as G's fp32
+    # weights). Same maths; CPU and GPU.
+    fused: bool = False
 
 
 @dataclass(kw_only=True)
@@ -131,6 +136,11 @@ class TrainConfig:
     keep_checkpoints: int = 2
     # Micro-batches per iteration: the local batch is split, G and head gradients accumulate.
     grad_accum: int = 1
+    # Student and teacher UNets in channels-last (NHWC) memory format for the convolutions. Under
+    # DeepSpeed (Ray Train workers) the student stays NCHW: DeepSpeed reads weights as flat bytes;
+    # the teacher/backbone keeps NHWC. CUDA's eager GroupNorm runs NCHW (a transpose each way), so
+    # measure before turning it on (benchmarks/gpu_sdxl.sh does).
+    channels_last: bool = False
 
 
 @dataclass(kw_only=True)

@@ -2,7 +2,8 @@
 
 ``train`` runs on one process (``LocalSession``) or as a Ray Train worker
 (``nitro_dist.distributed.ray_train.RaySession`` shards the pool and wraps G in DeepSpeed); this
-module never imports ray or deepspeed, so the library runs without them.
+module never imports ray or deepspeed, so the library runs without them (nor webdataset: the
+shard loader is imported when ``data.source=shards``).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from tqdm import tqdm
@@ -23,7 +24,6 @@ from tqdm import tqdm
 from nitro_dist import checkpoint as ckpt
 from nitro_dist import step as S
 from nitro_dist.config import Config, dump_yaml, to_dict
-from nitro_dist.data.loader import ShardLoader
 from nitro_dist.data.pairs import (
     PromptSet,
     global_batch_indices,
@@ -31,7 +31,6 @@ from nitro_dist.data.pairs import (
     rank_slice,
     teacher_x0,
 )
-from nitro_dist.data.shards import DataError, list_shards
 from nitro_dist.digits.data import PROMPTS
 from nitro_dist.discriminator.backbone import level_shapes
 from nitro_dist.discriminator.pool import (
@@ -45,6 +44,10 @@ from nitro_dist.evaluation import evaluate, generator_for_eval, save_sample_grid
 from nitro_dist.models.builders import Models, build_models
 from nitro_dist.models.text import Cond
 from nitro_dist.sampling import StudentDenoiser, TeacherSampler, seeded_noise
+from nitro_dist.timing import NO_TIMER, Timer
+
+if TYPE_CHECKING:
+    from nitro_dist.data.loader import ShardLoader
 
 TRAIN_SEED_OFFSET = 1_000_000  # training pairs use noise seeds offset + i
 
@@ -92,7 +95,11 @@ class TorchUpdate:
         o = cfg.optim
         self.student, self.grad_clip, self.accum = student, o.grad_clip, cfg.train.grad_accum
         self.optimizer = torch.optim.AdamW(
-            student.parameters(), lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay
+            student.parameters(),
+            lr=o.lr,
+            betas=tuple(o.betas),
+            weight_decay=o.weight_decay,
+            fused=o.fused or None,  # None: torch's default (foreach on GPU)
         )
         self.grad_sync = grad_sync
 
@@ -180,6 +187,9 @@ def build_run(
         models.text.to(torch.bfloat16)
     if models.vae is not None:
         models.vae.to(device)
+    if cfg.train.channels_last:
+        for m in (models.teacher, models.student):
+            m.to(memory_format=torch.channels_last)
     denoiser = StudentDenoiser(
         models.schedule,
         shift=cfg.sampler.shift,
@@ -193,6 +203,9 @@ def build_run(
     x0 = None
     loader = None
     if cfg.data.source == "shards":
+        from nitro_dist.data.loader import ShardLoader
+        from nitro_dist.data.shards import list_shards
+
         d = cfg.data
         loader = ShardLoader(
             list_shards(d.shards),
@@ -203,17 +216,19 @@ def build_run(
             shuffle_buffer=d.shuffle_buffer,
         )
     elif tcfg.mode == "offline":
-        x0 = precompute_pairs(
-            models.teacher,
-            models.text,
-            teacher_sampler,
-            train_set,
-            models.sample_shape,
-            batch_size=tcfg.batch_size,
-            device=device,
-            progress=progress and rank == 0,
-            fingerprint_parts={"teacher": to_dict(tcfg), "schedule": models.schedule},
-        )
+        bf16 = cfg.train.precision == "bf16"  # the teacher is bf16: run it as the step does
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            x0 = precompute_pairs(
+                models.teacher,
+                models.text,
+                teacher_sampler,
+                train_set,
+                models.sample_shape,
+                batch_size=tcfg.batch_size,
+                device=device,
+                progress=progress and rank == 0,
+                fingerprint_parts={"teacher": to_dict(tcfg), "schedule": models.schedule},
+            )
     run = Run(cfg, models, device, denoiser, teacher_sampler, layout, conds, train_set, x0)
     run.loader = loader
     run.rank, run.world_size = rank, world_size
@@ -224,7 +239,9 @@ def build_run(
     return run
 
 
-def make_batch(run: Run, iteration: int, rank: int = 0, world_size: int = 1) -> S.Batch:
+def make_batch(
+    run: Run, iteration: int, rank: int = 0, world_size: int = 1, timer: Timer = NO_TIMER
+) -> S.Batch:
     cfg = run.cfg
     x0 = None
     if run.loader is not None:
@@ -235,6 +252,8 @@ def make_batch(run: Run, iteration: int, rank: int = 0, world_size: int = 1) -> 
         if cfg.teacher.mode == "offline":
             missing = [s.key for s in samples if s.teacher is None]
             if missing:
+                from nitro_dist.data.shards import DataError
+
                 raise DataError(
                     f"teacher.mode=offline but sample {missing[0]} has no teacher.npy: make pair "
                     "shards with python -m nitro_dist.prepare, or set teacher.mode=online"
@@ -249,15 +268,16 @@ def make_batch(run: Run, iteration: int, rank: int = 0, world_size: int = 1) -> 
             x0 = run.x0_offline[idx].to(run.device)
     x_T = seeded_noise(seeds.tolist(), run.models.sample_shape).to(run.device)
     if x0 is None:
-        x0 = teacher_x0(
-            run.models.teacher,
-            run.models.text,
-            run.teacher_sampler,
-            prompts,
-            seeds,
-            run.models.sample_shape,
-            run.device,
-        )
+        with timer("teacher"):
+            x0 = teacher_x0(
+                run.models.teacher,
+                run.models.text,
+                run.teacher_sampler,
+                prompts,
+                seeds,
+                run.models.sample_shape,
+                run.device,
+            )
     return S.Batch(x_T, x0, run.conds(prompts), run.conds([""] * len(prompts)))
 
 
@@ -277,30 +297,34 @@ def autocast(run: Run):
     return torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=bf16)
 
 
-def train_step(run: Run, iteration: int) -> dict[str, float]:
-    """One iteration on this rank: G turn, G update, D turn, head update, refresh."""
+def train_step(run: Run, iteration: int, timer: Timer = NO_TIMER) -> dict[str, float]:
+    """One iteration on this rank: G turn, G update, D turn, head update, refresh.
+
+    ``timer`` names the phases (``timing.PhaseTimer`` measures them; the default does nothing)."""
     with autocast(run):
-        return _train_step(run, iteration)
+        return _train_step(run, iteration, timer)
 
 
-def _train_step(run: Run, iteration: int) -> dict[str, float]:
+def _train_step(run: Run, iteration: int, timer: Timer) -> dict[str, float]:
     cfg, pool, rank = run.cfg, run.pool, run.rank
     draw = sample_active(
         run.layout, cfg.seed, iteration, cfg.pool.heads_per_slot, cfg.pool.t_jitter
     )
-    heads = pool.gather_active(draw.head_ids)
-    batch = make_batch(run, iteration, rank, run.world_size)
-    b = batch.x_T.shape[0]
-    noise = S.draw_iteration_noise(
-        cfg.seed,
-        iteration,
-        list(range(rank * b, (rank + 1) * b)),
-        tuple(batch.x_T.shape[1:]),
-        S.enabled_steps(cfg.refinement.enable_at, iteration),
-        draw,
-        run.layout,
-        run.device,
-    )
+    with timer("pool_gather"):
+        heads = pool.gather_active(draw.head_ids)
+    with timer("data"):
+        batch = make_batch(run, iteration, rank, run.world_size, timer)
+        b = batch.x_T.shape[0]
+        noise = S.draw_iteration_noise(
+            cfg.seed,
+            iteration,
+            list(range(rank * b, (rank + 1) * b)),
+            tuple(batch.x_T.shape[1:]),
+            S.enabled_steps(cfg.refinement.enable_at, iteration),
+            draw,
+            run.layout,
+            run.device,
+        )
     micro = micro_slices(b, cfg.train.grad_accum)
     # G turn: heads frozen, gradients flow through the frozen backbone into x0_fake.
     for h in heads.values():
@@ -318,15 +342,18 @@ def _train_step(run: Run, iteration: int) -> dict[str, float]:
             draw,
             loss_type=cfg.loss.type,
             activation_checkpointing=cfg.model.gradient_checkpointing,
+            timer=timer,
         )
-        run.g.backward(cfg.loss.g_weight * g.loss)
-        g_loss += g.loss.item() / len(micro)
+        with timer("g_backward"):
+            run.g.backward(cfg.loss.g_weight * g.loss)
+            g_loss += g.loss.item() / len(micro)
         feats_fake.append(g.feats_fake)
-    gnorm = run.g.step()
-    if run.ema is not None:
-        with torch.no_grad(), run.g.full_params() as params:
-            for pe, p in zip(run.ema.parameters(), params, strict=True):
-                pe.lerp_(p.to(pe.dtype), 1 - cfg.optim.ema_decay)
+    with timer("g_optimizer"):
+        gnorm = run.g.step()
+        if run.ema is not None:
+            with torch.no_grad(), run.g.full_params() as params:
+                for pe, p in zip(run.ema.parameters(), params, strict=True):
+                    pe.lerp_(p.to(pe.dtype), 1 - cfg.optim.ema_decay)
     # D turn: backbone under no_grad (features reused from the G turn for fakes).
     for h in heads.values():
         h.requires_grad_(True)
@@ -339,27 +366,31 @@ def _train_step(run: Run, iteration: int) -> dict[str, float]:
             batch.slice(sl),
             noise.slice(sl),
             draw,
+            timer=timer,
         )
         for sl in micro
     ]
     for i in range(cfg.optim.d_steps_per_g_step):
         if i > 0:  # owners stepped: replicas of other ranks' heads must be fetched again
-            heads = pool.gather_active(draw.head_ids)
+            with timer("pool_gather"):
+                heads = pool.gather_active(draw.head_ids)
             for h in heads.values():
                 h.requires_grad_(True)
         d_loss = acc_real = acc_fake = 0.0
         for sl, fr, ff in zip(micro, feats_real, feats_fake, strict=True):
             d = S.discriminator_turn(
-                heads, run.layout, fr, ff, noise.slice(sl), loss_type=cfg.loss.type
+                heads, run.layout, fr, ff, noise.slice(sl), loss_type=cfg.loss.type, timer=timer
             )
-            (d.loss / len(micro)).backward()
-            d_loss += d.loss.item() / len(micro)
+            with timer("d_backward"):
+                (d.loss / len(micro)).backward()
+                d_loss += d.loss.item() / len(micro)
             acc_real += d.acc_real / len(micro)
             acc_fake += d.acc_fake / len(micro)
-        pool.reduce_and_step(heads)
-    refreshed = pool.refresh(
-        refresh_ids(run.layout, cfg.seed, iteration, cfg.pool.refresh_rate), iteration
-    )
+        pool.reduce_and_step(heads, timer)
+    with timer("refresh"):
+        refreshed = pool.refresh(
+            refresh_ids(run.layout, cfg.seed, iteration, cfg.pool.refresh_rate), iteration
+        )
     return {
         "g_loss": g_loss,
         "d_loss": d_loss,

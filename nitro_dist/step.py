@@ -23,6 +23,7 @@ from nitro_dist.discriminator.heads import Head, crop, head_scores
 from nitro_dist.discriminator.pool import Draw, PoolLayout
 from nitro_dist.models.text import Cond
 from nitro_dist.sampling import StudentDenoiser, add_noise
+from nitro_dist.timing import NO_TIMER, Timer
 
 
 @dataclass
@@ -176,24 +177,29 @@ def generator_turn(
     *,
     loss_type: str = "hinge",
     activation_checkpointing: bool = False,
+    timer: Timer = NO_TIMER,
 ) -> GTurn:
     """G turn: x0_fake = G(x_{t_k}); noised to t* with eps; backbone with grad; heads frozen
     (the caller sets requires_grad False on them). Returns the loss to backpropagate into G."""
-    x_t, t_B = backward_simulation(student, denoiser, batch, noise)
-    x0_fake = denoiser(student, x_t, t_B, batch.cond)
+    with timer("g_backsim"):
+        x_t, t_B = backward_simulation(student, denoiser, batch, noise)
+    with timer("g_forward"):
+        x0_fake = denoiser(student, x_t, t_B, batch.cond)
     uncond = batch.uncond if _needs_uncond(heads, layout) else None
-    fc, fu = _features(
-        teacher,
-        x0_fake,
-        noise.eps_BCHW.to(x0_fake),
-        draw.t_star,
-        denoiser.abar,
-        batch.cond,
-        uncond,
-        activation_checkpointing,
-    )
-    scores = judge(heads, layout, fc, fu, noise.crops)
-    loss = losses.g_loss(scores, loss_type)
+    with timer("backbone"):
+        fc, fu = _features(
+            teacher,
+            x0_fake,
+            noise.eps_BCHW.to(x0_fake),
+            draw.t_star,
+            denoiser.abar,
+            batch.cond,
+            uncond,
+            activation_checkpointing,
+        )
+    with timer("heads"):
+        scores = judge(heads, layout, fc, fu, noise.crops)
+        loss = losses.g_loss(scores, loss_type)
     detached = ([f.detach() for f in fc], None if fu is None else [f.detach() for f in fu])
     return GTurn(loss, x0_fake.detach(), detached)
 
@@ -213,9 +219,10 @@ def real_features(
     batch: Batch,
     noise: IterationNoise,
     draw: Draw,
+    timer: Timer = NO_TIMER,
 ) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
     """Backbone features of the teacher's x0 noised with the same eps (no grad)."""
-    with torch.no_grad():
+    with torch.no_grad(), timer("backbone"):
         uncond = batch.uncond if _needs_uncond(heads, layout) else None
         return _features(
             teacher,
@@ -237,9 +244,11 @@ def discriminator_turn(
     noise: IterationNoise,
     *,
     loss_type: str = "hinge",
+    timer: Timer = NO_TIMER,
 ) -> DTurn:
     """D turn on precomputed (no-grad) backbone features: only the heads get gradients."""
-    real = judge(heads, layout, *feats_real, noise.crops)
-    fake = judge(heads, layout, *feats_fake, noise.crops)
-    acc_r, acc_f = losses.d_accuracy(real, fake)
-    return DTurn(losses.d_loss(real, fake, loss_type), acc_r, acc_f)
+    with timer("heads"):
+        real = judge(heads, layout, *feats_real, noise.crops)
+        fake = judge(heads, layout, *feats_fake, noise.crops)
+        acc_r, acc_f = losses.d_accuracy(real, fake)
+        return DTurn(losses.d_loss(real, fake, loss_type), acc_r, acc_f)

@@ -15,6 +15,7 @@ import torch
 
 from nitro_dist import rng
 from nitro_dist.discriminator.heads import Head, crop_size
+from nitro_dist.timing import NO_TIMER, Timer
 
 INITIAL_ITERATION = -1  # key of the weights a head gets when the pool is built
 
@@ -172,6 +173,7 @@ class HeadPool(torch.nn.Module):
             lr=pool_cfg.lr,
             betas=tuple(pool_cfg.betas),
             weight_decay=pool_cfg.weight_decay,
+            fused=pool_cfg.fused or None,  # None: torch's default (foreach on GPU)
         )
 
     def head(self, head_id: int) -> Head:
@@ -189,8 +191,9 @@ class HeadPool(torch.nn.Module):
         """Same interface as the sharded pool: on one process the active heads are local."""
         return self.active(head_ids)
 
-    def reduce_and_step(self, heads: dict[int, Head]) -> None:
-        self.step()
+    def reduce_and_step(self, heads: dict[int, Head], timer: Timer = NO_TIMER) -> None:
+        with timer("heads_optimizer"):
+            self.step()
 
     def step(self) -> None:
         """AdamW step on heads that have gradients, then clear them."""

@@ -40,8 +40,11 @@ def deepspeed_config(cfg: Config, world_size: int, bf16: bool) -> dict[str, Any]
         "gradient_accumulation_steps": tr.grad_accum,
         "gradient_clipping": cfg.optim.grad_clip,
         "zero_optimization": {"stage": cfg.distributed.zero_stage},
-        # bf16 on GPU: DeepSpeed keeps fp32 master weights; fp32 everywhere on CPU
-        "bf16": {"enabled": bf16},
+        # bf16: fp32 weights (the master copy) and torch autocast inside the engine, as the rest
+        # of the iteration runs. DeepSpeed's own "bf16" section would cast G to bf16 and turn
+        # autocast off in its forward, so the fp32 inputs would meet bf16 weights.
+        "torch_autocast": {"enabled": bf16, "dtype": "bfloat16"},
+        "bf16": {"enabled": False},
         "fp16": {"enabled": False},
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
@@ -53,11 +56,20 @@ class DeepSpeedUpdate:
 
     def __init__(self, student: torch.nn.Module, cfg: Config, world_size: int) -> None:
         deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+        # DeepSpeed reads weights as flat bytes (broadcast, ZeRO flattening): NCHW strides only
+        # (train.channels_last then holds for the teacher/backbone)
+        student.to(memory_format=torch.contiguous_format)
         o = cfg.optim
+        # ZeRO 1/2/3 hand this AdamW one flat fp32 partition: fused steps it in one kernel with
+        # no full-size temporaries (foreach allocates one as large as the partition)
         opt = torch.optim.AdamW(
-            student.parameters(), lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay
+            student.parameters(),
+            lr=o.lr,
+            betas=tuple(o.betas),
+            weight_decay=o.weight_decay,
+            fused=o.fused or None,  # None: torch's default (foreach on GPU)
         )
-        bf16 = cfg.train.precision == "bf16" and torch.cuda.is_available()
+        bf16 = cfg.train.precision == "bf16"
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=student, optimizer=opt, config=deepspeed_config(cfg, world_size, bf16)
         )
@@ -185,7 +197,9 @@ class DeepSpeedUpdate:
                     safe_set_full_optimizer_state(p, tensors[f"{i}.{key}"], key)
         steps = [v for k, v in tensors.items() if k.endswith(".step")]
         for state in self._base().state.values():
-            state["step"] = steps[0].clone().float() if steps else torch.tensor(0.0)
+            step = steps[0].clone().float() if steps else torch.tensor(0.0)
+            old = state.get("step")  # fused AdamW keeps its step count on the device
+            state["step"] = step.to(old.device) if torch.is_tensor(old) else step
         groups = json.loads((folder / "param_groups.json").read_text())
         for g, saved in zip(self.optimizer.param_groups, groups, strict=False):
             for k in ("lr", "betas", "weight_decay", "eps"):

@@ -22,6 +22,7 @@ import torch.distributed as dist
 from nitro_dist.discriminator.heads import Head
 from nitro_dist.discriminator.pool import HeadPool, PoolLayout
 from nitro_dist.distributed.owners import owned_by, owner_map
+from nitro_dist.timing import NO_TIMER, Timer
 
 
 class ShardedPool:
@@ -70,29 +71,31 @@ class ShardedPool:
 
     # -- step 4 ---------------------------------------------------------------------------
 
-    def reduce_and_step(self, heads: dict[int, Head]) -> None:
+    def reduce_and_step(self, heads: dict[int, Head], timer: Timer = NO_TIMER) -> None:
         """Average the active heads' gradients over ranks (one collective); owners step."""
         ids = sorted(heads)
-        grads = []
-        for h in ids:
-            for p in heads[h].parameters():
-                grads.append(
-                    p.grad.flatten() if p.grad is not None else torch.zeros_like(p).flatten()
-                )
-        buf = torch.cat(grads) if grads else torch.zeros(0, device=self.device)
-        self._all_reduce(buf)
-        buf /= self.world_size
-        self.bytes_moved += buf.numel() * buf.element_size()
-        off = 0
-        for h in ids:
-            for p in heads[h].parameters():
-                n = p.numel()
-                if self.owner[h] == self.rank:
-                    p.grad = buf[off : off + n].view_as(p).clone()
-                else:
-                    p.grad = None
-                off += n
-        self.local.step()
+        with timer("pool_comm"):
+            grads = []
+            for h in ids:
+                for p in heads[h].parameters():
+                    grads.append(
+                        p.grad.flatten() if p.grad is not None else torch.zeros_like(p).flatten()
+                    )
+            buf = torch.cat(grads) if grads else torch.zeros(0, device=self.device)
+            self._all_reduce(buf)
+            buf /= self.world_size
+            self.bytes_moved += buf.numel() * buf.element_size()
+            off = 0
+            for h in ids:
+                for p in heads[h].parameters():
+                    n = p.numel()
+                    if self.owner[h] == self.rank:
+                        p.grad = buf[off : off + n].view_as(p).clone()
+                    else:
+                        p.grad = None
+                    off += n
+        with timer("heads_optimizer"):
+            self.local.step()
 
     # -- step 5 ---------------------------------------------------------------------------
 

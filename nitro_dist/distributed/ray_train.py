@@ -228,15 +228,9 @@ class RaySession:
 
     def parallelize(self, run) -> None:
         """Shard the pool over ranks and put G under DeepSpeed (parallelism from outside)."""
-        from nitro_dist.distributed.engine import DeepSpeedUpdate
-        from nitro_dist.distributed.pool_sync import ShardedPool
+        from nitro_dist.distributed.parallel import parallelize
 
-        cfg = run.cfg
-        if self.world_size > 1:  # one rank keeps the plain pool: the same maths, no packing
-            run.pool = ShardedPool(
-                run.layout, cfg.pool, cfg.seed, self.rank, self.world_size, run.device
-            )
-        run.g = DeepSpeedUpdate(run.models.student, cfg, self.world_size)
+        parallelize(run, self.rank, self.world_size)
 
     # -- each iteration ---------------------------------------------------------------------
 

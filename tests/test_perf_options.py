@@ -1,0 +1,181 @@
+"""Performance options (optim.fused, pool.fused, train.channels_last), the phase timer and the
+FLOP accounting behind MFU. On the CPU the options must leave the numbers as they were (fused
+AdamW and channels-last convolutions compute the same maths in another order)."""
+
+import time
+
+import pytest
+import torch
+
+from nitro_dist import checkpoint as ckpt
+from nitro_dist import perf
+from nitro_dist.config import load_config
+from nitro_dist.digits.data import PROMPTS
+from nitro_dist.loop import build_run, train_step
+from nitro_dist.timing import PhaseTimer
+
+PERF_KEYS = ("optim.fused", "pool.fused", "train.channels_last")
+
+
+@pytest.mark.parametrize("key", PERF_KEYS)
+def test_perf_keys_are_typed_and_off_by_default(key):
+    section, name = key.split(".")
+    assert getattr(getattr(load_config("tiny"), section), name) is False
+    assert getattr(getattr(load_config("tiny", [f"{key}=true"]), section), name) is True
+    with pytest.raises(ValueError, match=key.replace(".", r"\.")):
+        load_config("tiny", [f"{key}=fast"])
+
+
+def test_defaults_leave_torch_choosing_the_adamw_implementation(tiny_cfg):
+    run = build_run(tiny_cfg(), progress=False)
+    assert run.g.optimizer.param_groups[0]["fused"] is None
+    assert run.pool.optimizer.param_groups[0]["fused"] is None
+    run = build_run(tiny_cfg("optim.fused=true", "pool.fused=true"), progress=False)
+    assert run.g.optimizer.param_groups[0]["fused"] is True
+    assert run.pool.optimizer.param_groups[0]["fused"] is True
+
+
+def _train(cfg, iterations: int = 2):
+    run = build_run(cfg, progress=False)
+    metrics = [train_step(run, it) for it in range(iterations)]
+    return run, metrics
+
+
+def _assert_same_state(a, b, atol_g: float, atol_heads: float) -> None:
+    for p, q in zip(a.models.student.parameters(), b.models.student.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=0, atol=atol_g)
+    for h in a.pool.owned:
+        for p, q in zip(a.pool.head(h).parameters(), b.pool.head(h).parameters(), strict=True):
+            torch.testing.assert_close(p, q, rtol=0, atol=atol_heads)
+
+
+def test_fused_adamw_gives_the_same_training_on_cpu(tiny_cfg):
+    ref, m_ref = _train(tiny_cfg())
+    fused, m_fused = _train(tiny_cfg("optim.fused=true", "pool.fused=true"))
+    _assert_same_state(ref, fused, 1e-6, 1e-6)
+    assert m_fused[-1]["g_loss"] == pytest.approx(m_ref[-1]["g_loss"], abs=1e-5)
+
+
+def test_channels_last_gives_the_same_training_on_cpu(tiny_cfg):
+    ref, m_ref = _train(tiny_cfg())
+    cl, m_cl = _train(tiny_cfg("train.channels_last=true"))
+    assert cl.models.teacher.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    # AdamW's first steps normalise tiny gradient differences (summation order), as in
+    # test_step's accumulation test
+    _assert_same_state(ref, cl, 2e-5, 1e-4)
+    assert m_cl[-1]["d_loss"] == pytest.approx(m_ref[-1]["d_loss"], abs=1e-4)
+
+
+def test_checkpoint_does_not_switch_the_adamw_implementation(tiny_cfg, tmp_path):
+    """A checkpoint saved with foreach AdamW resumes fused (and back): how AdamW runs is the
+    config's choice; the state (moments, step count) carries over."""
+    plain, _ = _train(tiny_cfg(), 1)
+    plain.g.save(tmp_path / "optimizer", write=True)
+    fused = build_run(tiny_cfg("optim.fused=true"), progress=False)
+    fused.g.load(tmp_path / "optimizer")
+    assert fused.g.optimizer.param_groups[0]["fused"] is True
+    state = fused.g.optimizer.state[next(fused.models.student.parameters())]
+    assert float(state["step"]) == 1.0
+    train_step(fused, 1)  # the fused kernel accepts the loaded state
+
+
+def test_phase_timer_charges_nested_time_once():
+    timer = PhaseTimer()
+    with timer("outer"):
+        time.sleep(0.02)
+        with timer("inner"):
+            time.sleep(0.03)
+    assert timer.seconds["inner"] == pytest.approx(0.03, abs=0.02)
+    assert timer.seconds["outer"] == pytest.approx(0.02, abs=0.02)
+    assert timer.total() == pytest.approx(0.05, abs=0.02)
+
+
+def test_timer_names_the_phases_and_changes_nothing(tiny_cfg):
+    cfg = tiny_cfg("train.grad_accum=2")
+    a, b = build_run(cfg, progress=False), build_run(cfg, progress=False)
+    timer = PhaseTimer()
+    assert train_step(a, 0) == train_step(b, 0, timer)
+    for phase in ("data", "teacher", "g_backsim", "g_forward", "backbone", "heads"):
+        assert timer.seconds[phase] > 0, phase
+    for phase in ("g_backward", "g_optimizer", "d_backward", "heads_optimizer", "refresh"):
+        assert phase in timer.seconds
+
+
+def test_flop_model_predicts_other_iterations(tiny_cfg):
+    """FLOPs depend on the draw only through the backward simulation's k: the model fitted on
+    one counted iteration gives another iteration's count exactly."""
+    run = build_run(tiny_cfg("teacher.mode=offline", "teacher.offline_pairs=8"), progress=False)
+    run.conds(PROMPTS)  # text encoding is a one-off per prompt: keep it out of the counts
+    fl, m0 = perf.iteration_flops(run, 0, recompute_per_sample=0.0)
+    for it in range(1, 6):
+        counted, m = perf.count_flops(lambda it=it: train_step(run, it))
+        n = perf.n_backsim(m, run.cfg.train.batch_size)
+        assert counted == pytest.approx(fl.hardware(n), rel=1e-9)
+        if m["mean_k"] != m0["mean_k"]:
+            break
+    assert m["mean_k"] != m0["mean_k"]  # the model was checked on a different draw
+
+
+def test_recompute_flops_are_part_of_a_forward():
+    """Checkpointing recomputes at most one forward of the student and of each backbone pass."""
+    from nitro_dist.models import tiny
+    from nitro_dist.models.builders import build_tiny_sdxl
+
+    m = build_tiny_sdxl(0)
+    cond = m.text.encode([""], (128, 128))
+    kw = dict(student_checkpointing=True, backbone_checkpointing=False, backbone_passes=2)
+    student = perf.recompute_flops(tiny.TINY_SDXL_UNET, m.sample_shape, cond, **kw)
+    kw.update(student_checkpointing=False, backbone_checkpointing=True, backbone_passes=1)
+    backbone = perf.recompute_flops(tiny.TINY_SDXL_UNET, m.sample_shape, cond, **kw)
+    with torch.device("meta"):
+        x = torch.zeros(1, *m.sample_shape)
+        meta_unet = type(m.student).from_config(m.student.config)
+        c = cond.to("meta")
+        forward, _ = perf.count_flops(lambda: meta_unet(x, torch.zeros(1), **c.unet_kwargs()))
+    assert 0.5 * forward < student <= forward  # diffusers checkpoints resnets + transformers
+    assert 0.1 * forward < backbone < forward  # the down blocks + mid block, not the up path
+
+
+def test_peak_flops_by_device_name():
+    assert perf.peak_flops("NVIDIA H100 80GB HBM3") == 989e12
+    assert perf.peak_flops("NVIDIA H100 PCIe") == 756e12
+    assert perf.peak_flops("CPU") is None
+
+
+def test_low_precision_unet_matches_autocast(tiny_models):
+    """The generation path without autocast (bf16 module, fp32 sampler maths) gives what the
+    autocast path gives, to bf16 precision."""
+    import copy
+
+    unet = copy.deepcopy(tiny_models.teacher).to(torch.bfloat16)
+    cond = tiny_models.text.encode(["a red cube"], (128, 128))
+    x = torch.randn(1, *tiny_models.sample_shape)
+    t = torch.tensor([249])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref = unet(x, t, **cond.unet_kwargs()).sample.float()
+    out = perf.LowPrecisionUNet(unet)(x, t, **cond.unet_kwargs()).sample
+    assert out.dtype == torch.float32
+    assert float((out - ref).norm() / ref.norm()) < 3e-2
+
+
+def test_optimizer_checkpoint_ignores_implementation_keys(tiny_cfg, tmp_path):
+    run = build_run(tiny_cfg(), progress=False)
+    params = list(run.models.student.parameters())
+    ckpt.save_optimizer(run.g.optimizer, params, tmp_path)
+    run.g.optimizer.param_groups[0]["fused"] = True
+    ckpt.load_optimizer(run.g.optimizer, params, tmp_path)
+    assert run.g.optimizer.param_groups[0]["fused"] is True
+
+
+def test_attention_runs_through_sdpa(tiny_models):
+    """UNet, VAE and text encoders all use torch's scaled_dot_product_attention (flash /
+    memory-efficient kernels on GPU): nothing to switch on."""
+    from diffusers import AutoencoderKL
+
+    from nitro_dist.models import tiny
+
+    vae = AutoencoderKL(**tiny.TINY_VAE)
+    for module in (tiny_models.teacher, vae):
+        assert {type(p).__name__ for p in module.attn_processors.values()} == {"AttnProcessor2_0"}
+    for enc in tiny_models.text.encoders:
+        assert enc.config._attn_implementation == "sdpa"
