@@ -107,7 +107,9 @@ class GeneratorReplica:
         self.limits = Limits.of(self.gen)
         self.max_batch_size = max_batch_size
         self.generate.set_max_batch_size(max_batch_size)
-        self.generate.set_batch_wait_timeout_s(batch_wait_ms / 1000)
+        # Serve's batch queue waits out the timeout even when one request fills the batch:
+        # with batching off, don't make every request pay it
+        self.generate.set_batch_wait_timeout_s(batch_wait_ms / 1000 if max_batch_size > 1 else 0)
 
     def info(self) -> dict[str, Any]:
         return {
