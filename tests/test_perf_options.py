@@ -179,3 +179,40 @@ def test_attention_runs_through_sdpa(tiny_models):
         assert {type(p).__name__ for p in module.attn_processors.values()} == {"AttnProcessor2_0"}
     for enc in tiny_models.text.encoders:
         assert enc.config._attn_implementation == "sdpa"
+
+
+BF16_DEEPSPEED = """
+import torch
+from nitro_dist import perf
+from nitro_dist.config import load_config
+from nitro_dist.distributed.parallel import parallelize
+from nitro_dist.loop import build_run, train_step
+
+perf.init_process_group(torch.device("cpu"))
+cfg = load_config("tiny", ["train.precision=bf16", "distributed.zero_stage=2",
+                           "logging.wandb=false"])
+run = build_run(cfg, progress=False)
+parallelize(run, 0, 1)
+before = [p.detach().clone() for p in run.g.student.parameters()]
+losses = [train_step(run, i)["g_loss"] for i in range(2)]
+after = list(run.g.student.parameters())
+print("ENGINE", type(run.g).__name__, after[0].dtype)
+print("FINITE", all(torch.isfinite(torch.tensor(losses))))
+print("MOVED", any(not torch.equal(a, b) for a, b in zip(after, before)))
+"""
+
+
+def test_bf16_under_deepspeed_keeps_fp32_weights_and_trains():
+    """precision=bf16 under DeepSpeed: autocast inside the engine (its torch_autocast section)
+    over fp32 master weights. DeepSpeed's own bf16 section had cast G to bf16 while the
+    inputs stayed fp32, which failed on the first H100 run ("mat1 and mat2 must have the same
+    dtype"); autocast runs on the CPU too, so this checks that path here."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [sys.executable, "-c", BF16_DEEPSPEED], capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "ENGINE DeepSpeedUpdate torch.float32" in proc.stdout
+    assert "FINITE True" in proc.stdout and "MOVED True" in proc.stdout
