@@ -32,10 +32,10 @@ def sync() -> float:
 def build(smoke: bool):
     from diffusers import AutoencoderKL
 
+    from nitro_dist.evaluation import scheduler_from_schedule
     from nitro_dist.inference import Generator
     from nitro_dist.models import tiny
     from nitro_dist.models.builders import build_sdxl_from_configs
-    from nitro_dist.sampling import NitroLCMScheduler
 
     if smoke:
         unet, text, vae, dev, dtype = (
@@ -57,8 +57,7 @@ def build(smoke: bool):
         m = build_sdxl_from_configs(unet, text, None)
         vae_model = AutoencoderKL(**vae)
     del m.student
-    keys = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "prediction_type")
-    sched = NitroLCMScheduler(**{k: m.schedule[k] for k in keys if k in m.schedule}, shift=250)
+    sched = scheduler_from_schedule(m.schedule, shift=250)
     return Generator(m.teacher, m.text, sched, vae_model, device=dev, dtype=dtype)
 
 

@@ -210,14 +210,21 @@ def latest(root: Path) -> Path | None:
     return max(done, key=lambda p: p.name) if done else None
 
 
-def missing_parts(path: Path) -> list[str]:
-    """What a checkpoint folder lacks to be complete (empty list: complete)."""
-    state_file = path / "trainer_state.json"
-    if not state_file.exists():
+def missing_parts(path: Path | str, fs: Any = None) -> list[str]:
+    """What a checkpoint folder lacks to be complete (empty list: complete). ``fs``: the fsspec
+    filesystem holding ``path`` (default: local), so object-storage checkpoints check the same."""
+    if fs is None:
+        import fsspec
+
+        fs = fsspec.filesystem("file")
+    state_file = f"{path}/trainer_state.json"
+    if not fs.exists(state_file):
         return ["trainer_state.json"]
-    world = int(json.loads(state_file.read_text()).get("world_size", 1))
+    world = int(json.loads(fs.cat_file(state_file)).get("world_size", 1))
+    if not fs.exists(f"{path}/ranks"):
+        return []
     missing = [f"ranks/rank_{r:05d}.json" for r in range(world)]
-    return [m for m in missing if not (path / m).exists()] if (path / "ranks").exists() else []
+    return [m for m in missing if not fs.exists(f"{path}/{m}")]
 
 
 # ---------------------------------------------------------------------------------------------

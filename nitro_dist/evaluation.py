@@ -108,13 +108,21 @@ def evaluate(run: Run, num_images: int, unet: torch.nn.Module | None = None) -> 
 
 
 def scheduler_for(run: Run) -> NitroLCMScheduler:
-    s = run.models.schedule
+    return scheduler_from_schedule(
+        run.models.schedule, run.cfg.sampler.shift, run.cfg.sampler.original_inference_steps
+    )
+
+
+def scheduler_from_schedule(
+    s: dict, shift: int, original_inference_steps: int = 4
+) -> NitroLCMScheduler:
+    """The exported scheduler for a model's noise schedule (diffusers scheduler config)."""
     return NitroLCMScheduler(
         num_train_timesteps=int(s.get("num_train_timesteps", 1000)),
         beta_start=float(s.get("beta_start", 0.00085)),
         beta_end=float(s.get("beta_end", 0.012)),
         beta_schedule=s.get("beta_schedule", "scaled_linear"),
         prediction_type=s.get("prediction_type", "epsilon"),
-        shift=run.cfg.sampler.shift,
-        original_inference_steps=run.cfg.sampler.original_inference_steps,
+        shift=shift,
+        original_inference_steps=original_inference_steps,
     )

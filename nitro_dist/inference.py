@@ -31,9 +31,9 @@ class Generator:
     ) -> None:
         self.device = torch.device(device)
         self.dtype = dtype
-        # (diffusers warns on any .to(dtype=...), so only cast when asked to)
-        cast = (lambda m: m.to(self.device, dtype)) if dtype != torch.float32 else None
-        cast = cast or (lambda m: m.to(self.device))
+        # diffusers warns on any .to(dtype=...): pass a dtype only when it changes one
+        cast_to = {} if dtype == torch.float32 else {"dtype": dtype}
+        cast = lambda m: m.to(self.device, **cast_to)
         self.unet = cast(unet).eval().requires_grad_(False)
         self.text = text.to(self.device)  # text encoders stay fp32: small, and tokens matter
         self.vae = cast(vae).eval() if vae is not None else None

@@ -4,10 +4,10 @@ complete one and copy the parts a generator needs into a local cache."""
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from pathlib import Path
 
+from nitro_dist.checkpoint import missing_parts
 from nitro_dist.distributed.ray_train import is_remote
 
 # what inference reads from a checkpoint (the heads and optimizer state stay remote)
@@ -17,23 +17,13 @@ CACHE = Path(os.environ.get("NITRO_CACHE", Path.home() / ".cache" / "nitro_dist"
 __all__ = ["is_remote", "local_checkpoint", "remote_checkpoint"]
 
 
-def _complete(fs, path: str) -> bool:
-    state = f"{path}/trainer_state.json"
-    if not fs.exists(state):
-        return False
-    world = int(json.loads(fs.cat_file(state)).get("world_size", 1))
-    if not fs.exists(f"{path}/ranks"):
-        return True
-    return all(fs.exists(f"{path}/ranks/rank_{r:05d}.json") for r in range(world))
-
-
 def remote_checkpoint(url: str) -> str:
     """``url`` is a checkpoint folder or a run folder (-> its newest complete ``iter_*``)."""
     import fsspec
 
     try:
         fs, path = fsspec.core.url_to_fs(url.rstrip("/"))
-        if _complete(fs, path):
+        if not missing_parts(path, fs):
             return url.rstrip("/")
         names = sorted(p.rsplit("/", 1)[-1] for p in fs.ls(path, detail=False))
     except FileNotFoundError:
@@ -41,7 +31,7 @@ def remote_checkpoint(url: str) -> str:
     except Exception as e:  # unreachable endpoint, bad credentials, ...
         raise ValueError(f"checkpoint: cannot read {url}: {e}") from e
     for name in reversed([n for n in names if n.startswith("iter_")]):
-        if _complete(fs, f"{path}/{name}"):
+        if not missing_parts(f"{path}/{name}", fs):
             return f"{url.rstrip('/')}/{name}"
     raise ValueError(f"checkpoint: no complete checkpoint under {url}")
 

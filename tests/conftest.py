@@ -33,6 +33,28 @@ def tiny_models():
     return build_tiny_sdxl(0)
 
 
+@pytest.fixture(scope="session")
+def short_digits_run(tmp_path_factory):
+    """A digits run of 2 iterations through the training loop (checkpoint, config, metrics):
+    about the teacher's 1-step quality, enough for eval and serving tests. Read-only for users."""
+    from nitro_dist.loop import train
+
+    out = tmp_path_factory.mktemp("digits2")
+    overrides = [
+        "train.iterations=2",
+        "train.eval_every=0",
+        "train.sample_every=0",
+        "train.checkpoint_every=0",
+        "train.eval_images=10",
+        "train.batch_size=16",
+        "teacher.offline_pairs=64",
+        "logging.wandb=false",
+        "logging.progress=false",
+    ]
+    train(load_config("digits", overrides), out)
+    return out
+
+
 @pytest.fixture(scope="module")
 def s3_endpoint():
     """A real S3-compatible server (moto's) on 127.0.0.1 with bucket ``nitro-test``; the AWS_*

@@ -6,31 +6,13 @@ import csv
 import pytest
 from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
 
-from nitro_dist.config import load_config
 from nitro_dist.eval import main
-from nitro_dist.loop import train
 from nitro_dist.models.tokenizer import clip_tokenizer
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
-    out = tmp_path_factory.mktemp("evalrun")
-    cfg = load_config(
-        "digits",
-        [
-            "train.iterations=2",
-            "train.eval_every=0",
-            "train.sample_every=0",
-            "train.checkpoint_every=0",
-            "train.eval_images=10",
-            "train.batch_size=16",
-            "teacher.offline_pairs=64",
-            "logging.wandb=false",
-            "logging.progress=false",
-        ],
-    )
-    train(cfg, out)
-    return out
+def run_dir(short_digits_run):
+    return short_digits_run
 
 
 @pytest.fixture(scope="module")

@@ -21,11 +21,9 @@ import pytest
 import torch
 from PIL import Image
 
-from nitro_dist.config import load_config
 from nitro_dist.digits.data import PROMPTS
 from nitro_dist.digits.metric import DigitsEvaluator
 from nitro_dist.inference import Generator
-from nitro_dist.loop import train
 from nitro_dist.serving import Job, encode_png, run_jobs
 
 serve = pytest.importorskip("ray.serve")
@@ -38,23 +36,8 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
-    out = tmp_path_factory.mktemp("serverun")
-    cfg = load_config(
-        "digits",
-        [
-            "train.iterations=2",
-            "train.eval_every=0",
-            "train.sample_every=0",
-            "train.checkpoint_every=0",
-            "train.batch_size=16",
-            "teacher.offline_pairs=64",
-            "logging.wandb=false",
-            "logging.progress=false",
-        ],
-    )
-    train(cfg, out)
-    return out
+def run_dir(short_digits_run):
+    return short_digits_run
 
 
 @pytest.fixture(scope="module")
