@@ -10,7 +10,8 @@ measurement to OUT/results.jsonl and prints it:
           "base" (config defaults) or "opt" (the performance keys on) at a fixed batch, then with
           --then-batch auto the largest batch that fits memory and time. Per measurement: ms per
           iteration, images/s, peak memory, MFU/HFU, where an iteration goes (phase timer).
-  flops   (CPU, meta tensors) what activation checkpointing recomputes per sample, for MFU
+  flops   (CPU, meta tensors) the iteration's FLOPs per sample with and without checkpointing's
+          recomputation, for MFU (the train phase uses them when they are there, else the report)
   gpu_sdxl_gen.py: components and generation latency; gpu_sdxl_report.py: the tables.
 
   python benchmarks/gpu_sdxl.py {train|flops} --out DIR [--smoke] [--budget S] ...
@@ -204,8 +205,8 @@ def timed_step(run, it: int) -> float:
 
 
 def fitting_iters(seconds: float, t_it: float, most: int) -> int:
-    """Timed iterations that fit ``seconds`` with the breakdown (2) and FLOP-count (~2) ones."""
-    return max(min(3, most), min(most, int(seconds / max(t_it, 1e-3) - 4.5)))
+    """Timed iterations that fit ``seconds`` with the 2 breakdown ones after them."""
+    return max(min(3, most), min(most, int(seconds / max(t_it, 1e-3) - 2.5)))
 
 
 def choose_batch(ph: Phase, run, it: int, b0: int, t_it: float) -> int:
@@ -239,8 +240,8 @@ def choose_batch(ph: Phase, run, it: int, b0: int, t_it: float) -> int:
 
 def measure(ph: Phase, run, it: int, iters: int, common: dict) -> dict:
     found = [r for r in ph.records("flops") if r["resolution"] == ph.args.resolution]
-    recompute = found[-1]["recompute_per_sample"] if found else None  # else the report adds MFU
-    m = perf.measure_training(run, it, iters, recompute_per_sample=recompute)
+    flops = perf.IterationFlops(*(found[-1][k] for k in FLOP_FIELDS)) if found else None
+    m = perf.measure_training(run, it, iters, flops=flops)  # no flops yet: the report adds MFU
     mfu, hfu = m.utilisation(perf.peak_flops(ph.name))
     return ph.emit(
         "train",
@@ -251,10 +252,12 @@ def measure(ph: Phase, run, it: int, iters: int, common: dict) -> dict:
         iteration_ms_mean=1000 * sum(m.seconds) / len(m.seconds),
         images_per_s=m.images_per_s,
         peak_mem_gib=m.peak_mem_gib,
-        hardware_tflop_per_iteration=(m.hardware_flops or 0) / 1e12,
+        hardware_tflop_per_iteration=None if m.hardware_flops is None else m.hardware_flops / 1e12,
         model_tflop_per_iteration=None if m.model_flops is None else m.model_flops / 1e12,
         mfu=mfu,
         hfu=hfu,
+        mean_backsim=m.mean_backsim,
+        peak_flops=perf.peak_flops(ph.name),
         breakdown_ms={k: 1000 * v for k, v in m.breakdown_s.items()},
         next_iteration=m.next_iteration,
     )
@@ -281,24 +284,26 @@ def profile(ph: Phase, run, it: int) -> None:
 # flops: checkpointing's recomputation per sample (meta tensors, CPU)
 
 
+FLOP_FIELDS = ("hardware_per_sample", "model_per_sample", "per_backsim")
+
+
 def flops(ph: Phase) -> None:
+    """The training iteration's FLOPs per sample at each resolution, counted on meta tensors
+    (perf.meta_iteration_flops) with the train phase's config: the GPU is left to training."""
     unet_cfg = ph.configs()[0]
     d = unet_cfg["cross_attention_dim"]
     pooled = (
         unet_cfg["projection_class_embeddings_input_dim"] - 6 * unet_cfg["addition_time_embed_dim"]
     )
     cond = Cond(torch.zeros(1, 77, d), torch.zeros(1, pooled), torch.zeros(1, 6))
+    cfg = load_config("sdxl_realism", overrides(ph, SETTINGS["base"], 1))
     for res in ph.args.resolutions:
         t0 = time.time()
-        per_sample = perf.recompute_flops(
-            unet_cfg,
-            (4, res // 8, res // 8),
-            cond,
-            student_checkpointing=True,
-            backbone_checkpointing=True,
-            backbone_passes=2,  # sdxl_realism has local_uncond heads: cond + uncond passes
+        fl = perf.meta_iteration_flops(
+            cfg, unet_cfg, unet_cfg, (4, res // 8, res // 8), cond, tiny.SDXL_SCHEDULE
         )
-        ph.emit("flops", resolution=res, recompute_per_sample=per_sample, s=time.time() - t0)
+        counts = {k: getattr(fl, k) for k in FLOP_FIELDS}
+        ph.emit("flops", resolution=res, **counts, s=time.time() - t0)
 
 
 def base_parser(doc: str | None) -> argparse.ArgumentParser:

@@ -7,7 +7,8 @@
 #
 # Phases, each a process with its own limit (a failure or OOM in one leaves the others' numbers;
 # each python phase stops itself before its --budget, and every phase is cut at its limit):
-#   flops     CPU, in the background: what activation checkpointing recomputes (for MFU)
+#   flops     CPU, in the background: the iteration's FLOPs per sample on meta tensors (for MFU;
+#             counting on the GPU beside ZeRO-2 ran out of memory)
 #   gen       UNet fwd+bwd NCHW vs channels-last; AdamW foreach vs fused; 1-/4-step generation
 #             at 1024²: eager autocast (the old path) vs bf16 without autocast vs CUDA graphs
 #   512_base  training at 512², batch 4, the config defaults (DeepSpeed ZeRO-2, one rank, bf16)

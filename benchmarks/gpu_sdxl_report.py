@@ -26,15 +26,20 @@ def ratio(a, b) -> str:
 
 
 def with_mfu(train: list[dict], flops: list[dict]) -> None:
-    """Model FLOPs and MFU for train rows measured before the flops phase had finished."""
-    per_sample = {r["resolution"]: r["recompute_per_sample"] for r in flops}
+    """FLOPs, MFU and HFU for train rows measured before the flops phase had finished: an
+    iteration costs batch * per_sample + per_backsim * (its backward-simulation forwards)."""
+    found = {r["resolution"]: r for r in flops}
     for r in train:
-        if r.get("mfu") is None and r["resolution"] in per_sample and r.get("hfu"):
-            model = (
-                r["hardware_tflop_per_iteration"] - r["batch"] * per_sample[r["resolution"]] / 1e12
-            )
-            r["model_tflop_per_iteration"] = model
-            r["mfu"] = r["hfu"] * model / r["hardware_tflop_per_iteration"]
+        f = found.get(r["resolution"])
+        if r.get("hardware_tflop_per_iteration") is not None or f is None:
+            continue
+        extra = f["per_backsim"] * r.get("mean_backsim", 0.0)
+        hw = r["batch"] * f["hardware_per_sample"] + extra
+        model = r["batch"] * f["model_per_sample"] + extra
+        r["hardware_tflop_per_iteration"], r["model_tflop_per_iteration"] = hw / 1e12, model / 1e12
+        if r.get("peak_flops"):
+            per_s = 1000 / r["iteration_ms_mean"] / r["peak_flops"]
+            r["mfu"], r["hfu"] = model * per_s, hw * per_s
 
 
 def settings_name(s: dict) -> str:

@@ -1,7 +1,11 @@
 """Training throughput: images/s per worker and where one iteration goes, for a named config.
 
   python benchmarks/train_throughput.py [--config tiny] [--workers 2] [--iters 5] [--warmup 1]
-      [--teacher both|offline|online] [--engine deepspeed|torch] [--json PATH] [key=value ...]
+      [--teacher both|offline|online] [--engine deepspeed|torch] [--compare KEY=A,B]
+      [--json PATH] [key=value ...]
+
+``--compare pool.overlap_comm=false,true`` measures each value of one config key side by side
+in the same run (a column per teacher mode and value), e.g. a performance option before/after.
 
 Each worker builds the run as training does (``loop.build_run``), then ``--engine deepspeed``
 applies ``distributed.parallel.parallelize`` (G under DeepSpeed, the head pool sharded over W > 1
@@ -41,8 +45,8 @@ PHASE_ORDER = [
 ]  # fmt: skip
 
 
-def make_config(args: argparse.Namespace, mode: str) -> Config:
-    cfg = load_config(args.config, args.overrides)
+def make_config(args: argparse.Namespace, mode: str, variant: str = "") -> Config:
+    cfg = load_config(args.config, args.overrides + ([variant] if variant else []))
     values: dict = {"teacher.mode": mode, "logging.wandb": False, "logging.progress": False}
     values["distributed.num_workers"] = args.workers
     if not any(o.startswith("teacher.offline_pairs=") for o in args.overrides):
@@ -72,8 +76,10 @@ def average_grads(module: torch.nn.Module) -> None:
             p.grad /= dist.get_world_size()
 
 
-def measure_mode(args: argparse.Namespace, mode: str, rank: int, world: int) -> dict:
-    cfg = make_config(args, mode)
+def measure_mode(
+    args: argparse.Namespace, mode: str, rank: int, world: int, variant: str = ""
+) -> dict:
+    cfg = make_config(args, mode, variant)
     gpu = cfg.train.device != "cpu" and torch.cuda.is_available()
     device = torch.device("cuda", rank) if gpu else torch.device("cpu")
     if device.type == "cuda":
@@ -94,15 +100,15 @@ def measure_mode(args: argparse.Namespace, mode: str, rank: int, world: int) -> 
         run.g = TorchUpdate(run.models.student, cfg, grad_sync=average_grads)
     for it in range(args.warmup):
         train_step(run, it)
-    recompute = perf.run_recompute_flops(run) if device.type == "cuda" else None
+    flops = perf.run_iteration_flops(run) if device.type == "cuda" else None  # meta tensors
     m = perf.measure_training(
-        run, args.warmup, args.iters, breakdown_iters=args.breakdown_iters,
-        flops=device.type == "cuda", recompute_per_sample=recompute,
-    )  # fmt: skip
+        run, args.warmup, args.iters, breakdown_iters=args.breakdown_iters, flops=flops
+    )
     mfu, hfu = m.utilisation(perf.peak_flops(perf.device_name(device)))
     it_s = sum(m.seconds) / len(m.seconds)
     return {
         "mode": mode,
+        "variant": variant,
         "device": perf.device_name(device),
         "workers": world,
         "batch_per_worker": m.batch,
@@ -125,7 +131,11 @@ def worker(rank: int, world: int, args: argparse.Namespace, out: str) -> None:
     gpu = torch.cuda.is_available() and "train.device=cpu" not in args.overrides
     dist.init_process_group("nccl" if gpu else "gloo", rank=rank, world_size=world)
     modes = ["offline", "online"] if args.teacher == "both" else [args.teacher]
-    results = [measure_mode(args, mode, rank, world) for mode in modes]
+    results = [
+        measure_mode(args, mode, rank, world, variant)
+        for mode in modes
+        for variant in variants(args.compare)
+    ]
     gathered = [None] * world if rank == 0 else None
     dist.gather_object(results, gathered, dst=0)
     if rank == 0:
@@ -141,7 +151,7 @@ def table(per_rank: list[list[dict]], args: argparse.Namespace) -> str:
         f"{rows[0]['workers']} worker(s) on {rows[0]['device']}, engine {args.engine}, "
         f"{args.iters} timed iterations after {args.warmup} warm-up",
         "",
-        "| | " + " | ".join(f"teacher {r['mode']}" for r in rows) + " |",
+        "| | " + " | ".join(column(r) for r in rows) + " |",
         "|---|" + "---|" * len(rows),
     ]
 
@@ -163,6 +173,18 @@ def table(per_rank: list[list[dict]], args: argparse.Namespace) -> str:
     return "\n".join(lines)
 
 
+def variants(compare: str | None) -> list[str]:
+    """``KEY=A,B`` -> ["KEY=A", "KEY=B"]; none -> [""] (the config as given)."""
+    if not compare:
+        return [""]
+    key, _, values = compare.partition("=")
+    return [f"{key}={v}" for v in values.split(",")]
+
+
+def column(r: dict) -> str:
+    return f"teacher {r['mode']}" + (f", {r['variant']}" if r.get("variant") else "")
+
+
 def _pct(v: float | None) -> str:
     return "-" if v is None else f"{100 * v:.1f}%"
 
@@ -179,12 +201,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--teacher", choices=["both", "offline", "online"], default="both")
     ap.add_argument("--engine", choices=["deepspeed", "torch"], default="deepspeed")
     ap.add_argument("--threads", type=int, default=0, help="torch threads per worker (0: share)")
+    ap.add_argument("--compare", default=None, help="KEY=A,B: each value side by side")
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("overrides", nargs="*", help="key=value config overrides")
     args = ap.parse_args(argv)
     try:
-        cfg = load_config(args.config, args.overrides)
-        with_values(cfg, {"distributed.num_workers": args.workers})  # batch divides over workers
+        for variant in variants(args.compare):
+            cfg = load_config(args.config, args.overrides + ([variant] if variant else []))
+            with_values(cfg, {"distributed.num_workers": args.workers})  # batch divides
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -82,6 +82,11 @@ class PoolConfig:
     betas: list[float] = field(default_factory=lambda: [0.0, 0.99])
     weight_decay: float = 0.0
     fused: bool = False  # the heads' AdamW as torch's fused kernel (fewer launches on GPU)
+    # Multi-rank: the heads' gather runs while the batch is made (teacher, data), and their
+    # gradients are all-reduced in buckets of ~bucket_mb, each as soon as the D backward has
+    # finished it. Off: one blocking collective each, after the compute (the same numbers).
+    overlap_comm: bool = True
+    bucket_mb: float = 25.0
 
 
 @dataclass(kw_only=True)
@@ -422,6 +427,7 @@ def validate(cfg: Config) -> None:
     need(0.0 <= p.refresh_rate <= 1.0, "pool.refresh_rate", "must be in [0, 1]")
     need(p.width >= 1 and p.depth >= 1, "pool.width", "width and depth must be >= 1")
     need(0.0 < p.crop_frac <= 1.0, "pool.crop_frac", "must be in (0, 1]")
+    need(p.bucket_mb > 0, "pool.bucket_mb", "must be > 0")
     need(len(p.betas) == 2, "pool.betas", "needs two values")
     need(len(cfg.optim.betas) == 2, "optim.betas", "needs two values")
     need(cfg.optim.lr > 0 and p.lr > 0, "optim.lr", "learning rates must be > 0")

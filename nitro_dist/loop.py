@@ -311,7 +311,7 @@ def _train_step(run: Run, iteration: int, timer: Timer) -> dict[str, float]:
         run.layout, cfg.seed, iteration, cfg.pool.heads_per_slot, cfg.pool.t_jitter
     )
     with timer("pool_gather"):
-        heads = pool.gather_active(draw.head_ids)
+        pending = pool.start_gather(draw.head_ids)  # the transfer overlaps making the batch
     with timer("data"):
         batch = make_batch(run, iteration, rank, run.world_size, timer)
         b = batch.x_T.shape[0]
@@ -326,6 +326,8 @@ def _train_step(run: Run, iteration: int, timer: Timer) -> dict[str, float]:
             run.device,
         )
     micro = micro_slices(b, cfg.train.grad_accum)
+    with timer("pool_gather"):
+        heads = pending.wait()
     # G turn: heads frozen, gradients flow through the frozen backbone into x0_fake.
     for h in heads.values():
         h.requires_grad_(False)
@@ -377,10 +379,12 @@ def _train_step(run: Run, iteration: int, timer: Timer) -> dict[str, float]:
             for h in heads.values():
                 h.requires_grad_(True)
         d_loss = acc_real = acc_fake = 0.0
-        for sl, fr, ff in zip(micro, feats_real, feats_fake, strict=True):
+        for j, (sl, fr, ff) in enumerate(zip(micro, feats_real, feats_fake, strict=True)):
             d = S.discriminator_turn(
                 heads, run.layout, fr, ff, noise.slice(sl), loss_type=cfg.loss.type, timer=timer
             )
+            if j == len(micro) - 1:  # gradients leave in buckets as this backward makes them
+                pool.watch_grads(heads)
             with timer("d_backward"):
                 (d.loss / len(micro)).backward()
                 d_loss += d.loss.item() / len(micro)

@@ -2,8 +2,9 @@
 calls (bf16 without autocast, CUDA-graph replay) for the generation path.
 
 MFU here is *model* FLOPs per second over the card's dense bf16 peak: FLOPs counted with
-``torch.utils.flop_counter`` over a real iteration (that count includes what activation
-checkpointing recomputes: "hardware" FLOPs), minus the recomputation. HFU keeps it in.
+``torch.utils.flop_counter`` over the iteration's own code run on meta tensors (no device memory:
+counting on the GPU beside a ZeRO-2 run at SDXL scale ran out of memory), with activation
+checkpointing off. HFU counts the iteration as run, recomputation included.
 """
 
 from __future__ import annotations
@@ -21,9 +22,14 @@ from diffusers import UNet2DConditionModel
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 from torch.utils.flop_counter import FlopCounterMode
 
-from nitro_dist.discriminator.backbone import backbone_features
-from nitro_dist.loop import Run, autocast, train_step
+from nitro_dist import losses
+from nitro_dist import step as S
+from nitro_dist.config import Config
+from nitro_dist.discriminator.backbone import level_shapes
+from nitro_dist.discriminator.pool import make_layout, sample_active
+from nitro_dist.loop import Run, train_step
 from nitro_dist.models.text import Cond
+from nitro_dist.sampling import StudentDenoiser, TeacherSampler
 from nitro_dist.timing import PhaseTimer
 
 # Dense bf16 tensor-core peak (FLOP/s) by device-name fragment, most specific first.
@@ -80,20 +86,20 @@ def count_flops(fn: Callable[[], Any]) -> tuple[int, Any]:
 
 @dataclass
 class IterationFlops:
-    """FLOPs of one iteration on one rank. They depend on the draw only through the backward
-    simulation (sample b runs k_b - 1 extra student forwards), so for any iteration
-    hardware = base + per_backsim * n_backsim with n_backsim = sum_b (k_b - 1)."""
+    """FLOPs of one iteration on one rank, per sample of its local batch (every op the counter
+    sees is linear in the batch). The draw changes them only through the backward simulation:
+    sample b runs k_b - 1 extra student forwards, so an iteration of local batch B with
+    n_backsim = sum_b (k_b - 1) costs B * per_sample + per_backsim * n_backsim."""
 
-    base: float
-    per_backsim: float  # one student forward of one sample (no grad)
-    recompute: float | None  # what activation checkpointing recomputes per iteration
-    counted: float  # hardware FLOPs of the counted iteration
+    hardware_per_sample: float  # with what activation checkpointing recomputes
+    model_per_sample: float  # the same iteration without it
+    per_backsim: float  # one student forward of one sample, no grad
 
-    def hardware(self, n_backsim: float) -> float:
-        return self.base + self.per_backsim * n_backsim
+    def hardware(self, batch: int, n_backsim: float) -> float:
+        return batch * self.hardware_per_sample + self.per_backsim * n_backsim
 
-    def model(self, n_backsim: float) -> float | None:
-        return None if self.recompute is None else self.hardware(n_backsim) - self.recompute
+    def model(self, batch: int, n_backsim: float) -> float:
+        return batch * self.model_per_sample + self.per_backsim * n_backsim
 
 
 def n_backsim(metrics: dict[str, float], local_batch: int) -> float:
@@ -101,76 +107,77 @@ def n_backsim(metrics: dict[str, float], local_batch: int) -> float:
     return local_batch * (metrics["mean_k"] - 1.0)
 
 
-def recompute_flops(
-    unet_config: dict[str, Any],
+def meta_iteration_flops(
+    cfg: Config,
+    student_config: dict[str, Any],
+    teacher_config: dict[str, Any],
     sample_shape: tuple[int, int, int],
     cond: Cond,
-    *,
-    student_checkpointing: bool,
-    backbone_checkpointing: bool,
-    backbone_passes: int,
-) -> float:
-    """FLOPs that activation checkpointing recomputes for one sample of an iteration: the
-    student's forward with grad (diffusers checkpoints its resnets and transformer blocks) and
-    each backbone pass with grad (``backbone_features`` checkpoints whole blocks). Counted exactly
-    as (forward + backward with checkpointing) - (without), on meta tensors: no memory, no
-    compute, any size on a CPU (SDXL at 1024²: ~15 s)."""
-
-    def fwd_bwd(student: bool, ckpt: bool) -> int:
-        with torch.device("meta"):
-            unet = UNet2DConditionModel.from_config(unet_config)
-            x = torch.zeros(1, *sample_shape, requires_grad=not student)
-            t = torch.full((1,), 500)
-            c = cond.index(slice(0, 1)).to("meta", torch.float32)
-        unet.requires_grad_(student).train()
-        if student and ckpt:
-            unet.enable_gradient_checkpointing()
-
-        def run() -> None:
-            if student:
-                unet(x, t, **c.unet_kwargs()).sample.sum().backward()
-            else:
-                feats = backbone_features(unet, x, t, c, activation_checkpointing=ckpt)
-                sum(f.sum() for f in feats).backward()
-
-        return count_flops(run)[0]
-
-    total = 0.0
-    if student_checkpointing:
-        total += fwd_bwd(True, True) - fwd_bwd(True, False)
-    if backbone_checkpointing:
-        total += backbone_passes * (fwd_bwd(False, True) - fwd_bwd(False, False))
-    return total
-
-
-def run_recompute_flops(run: Run) -> float:
-    """``recompute_flops`` per sample for this run's models and settings."""
-    return recompute_flops(
-        dict(run.models.teacher.config),
-        run.models.sample_shape,
-        run.conds([""]),
-        student_checkpointing=getattr(run.models.student, "is_gradient_checkpointing", False),
-        backbone_checkpointing=run.cfg.model.gradient_checkpointing,
-        backbone_passes=2 if "local_uncond" in run.layout.kinds else 1,
+    schedule: dict[str, Any],
+) -> IterationFlops:
+    """Count one iteration by running its own functions (step.py: G turn, backward, D turns) on
+    meta copies of the models built from their configs: no memory and no compute, so any model
+    at any size, on a CPU, beside a GPU that is busy training (SDXL at 1024²: about a minute).
+    Counted twice, with ``cfg.model.gradient_checkpointing`` as set (hardware FLOPs) and off
+    (model FLOPs). An online teacher adds its sampler's UNet evaluations; text encoders are not
+    counted (the loop caches conditioning per prompt)."""
+    c = cond.index(slice(0, 1)).to("meta", torch.float32)
+    with torch.device("meta"):
+        teacher = UNet2DConditionModel.from_config(teacher_config).requires_grad_(False).eval()
+        student = UNet2DConditionModel.from_config(student_config).train()
+        layout = make_layout(cfg.pool, level_shapes(teacher, sample_shape, c))
+    draw = sample_active(layout, cfg.seed, 0, cfg.pool.heads_per_slot)  # same shapes in any draw
+    with torch.device("meta"):
+        heads = {h: layout.build_head(h) for h in draw.head_ids}
+        x = torch.zeros(1, *sample_shape)
+    batch = S.Batch(x, x, c, c)
+    noise = S.draw_iteration_noise(cfg.seed, 0, [0], sample_shape, [1], draw, layout, "meta")
+    denoiser = StudentDenoiser(
+        schedule, shift=cfg.sampler.shift, original_steps=cfg.sampler.original_inference_steps
     )
+    denoiser.abar = denoiser.abar.to("meta")
+
+    def iteration(ckpt: bool) -> None:
+        for h in heads.values():
+            h.requires_grad_(False)
+        g = S.generator_turn(
+            student, teacher, denoiser, heads, layout, batch, noise, draw,
+            loss_type=cfg.loss.type, activation_checkpointing=ckpt,
+        )  # fmt: skip
+        g.loss.backward()
+        for h in heads.values():
+            h.requires_grad_(True)
+        real = S.real_features(teacher, denoiser, heads, layout, batch, noise, draw)
+        for _ in range(cfg.optim.d_steps_per_g_step):
+            r = S.judge(heads, layout, *real, noise.crops)
+            f = S.judge(heads, layout, *g.feats_fake, noise.crops)
+            losses.d_loss(r, f, cfg.loss.type).backward()
+
+    counts = []
+    for ckpt in (cfg.model.gradient_checkpointing, False):
+        if ckpt:
+            student.enable_gradient_checkpointing()
+        else:
+            student.disable_gradient_checkpointing()
+        counts.append(count_flops(lambda ckpt=ckpt: iteration(ckpt))[0])
+    t = torch.full((1,), 999, dtype=torch.long, device="meta")
+    with torch.no_grad():
+        student_fwd, _ = count_flops(lambda: student(x, t, **c.unet_kwargs()))
+        teacher_flops = 0
+        if cfg.teacher.mode == "online":
+            evals = TeacherSampler.from_config(schedule, cfg.teacher).unet_evals_per_sample()
+            teacher_flops = evals * count_flops(lambda: teacher(x, t, **c.unet_kwargs()))[0]
+    hw, model = (n + teacher_flops for n in counts)
+    return IterationFlops(float(hw), float(model), float(student_fwd))
 
 
-def iteration_flops(
-    run: Run, iteration: int, recompute_per_sample: float | None = None
-) -> tuple[IterationFlops, dict[str, float]]:
-    """Count one full iteration (it trains: the model steps) and one student forward of one
-    sample; returns the FLOP model and the iteration's metrics. ``recompute_per_sample``:
-    ``run_recompute_flops(run)``; None leaves the model FLOPs unknown (hardware only)."""
-    hw, metrics = count_flops(lambda: train_step(run, iteration))
-    b = run.cfg.train.batch_size // run.world_size
-    x = torch.zeros(1, *run.models.sample_shape, device=run.device)
-    t = torch.full((1,), 999, dtype=torch.long, device=run.device)
-    cond = run.conds([""])
-    with torch.no_grad(), autocast(run):
-        student, _ = count_flops(lambda: run.denoiser(run.g.module, x, t, cond))
-    base = hw - student * n_backsim(metrics, b)
-    recompute = None if recompute_per_sample is None else b * recompute_per_sample
-    return IterationFlops(base, float(student), recompute, float(hw)), metrics
+def run_iteration_flops(run: Run) -> IterationFlops:
+    """``meta_iteration_flops`` for a built run's models and config."""
+    m = run.models
+    return meta_iteration_flops(
+        run.cfg, dict(m.student.config), dict(m.teacher.config), m.sample_shape, run.conds([""]),
+        m.schedule,
+    )  # fmt: skip
 
 
 @dataclass
@@ -182,6 +189,7 @@ class TrainingMeasure:
     hardware_flops: float | None  # per timed iteration, mean (None: not counted)
     model_flops: float | None
     next_iteration: int
+    mean_backsim: float = 0.0  # backward-simulation student forwards per timed iteration
 
     @property
     def images_per_s(self) -> float:
@@ -202,13 +210,11 @@ def measure_training(
     iters: int,
     *,
     breakdown_iters: int = 2,
-    flops: bool = True,
-    recompute_per_sample: float | None = None,
+    flops: IterationFlops | None = None,
 ) -> TrainingMeasure:
     """``iters`` timed iterations from ``start`` (warm up before), then ``breakdown_iters`` under a
-    synchronising ``PhaseTimer`` (where the time goes) and, with ``flops``, one counted iteration
-    that gives the FLOPs of every timed one (``IterationFlops``; model FLOPs need
-    ``recompute_per_sample``, see ``run_recompute_flops``)."""
+    synchronising ``PhaseTimer`` (where the time goes). ``flops`` (``run_iteration_flops`` or
+    ``meta_iteration_flops``, computed anywhere) gives each timed iteration's FLOPs by its draw."""
     dev, b = run.device, run.cfg.train.batch_size // run.world_size
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
@@ -227,22 +233,11 @@ def measure_training(
         it += 1
     breakdown = {k: v / max(breakdown_iters, 1) for k, v in timer.seconds.items()}
     hw = model = None
-    if flops:
-        # The counted iteration runs under FlopCounterMode, which on an H100 at SDXL scale needed
-        # ~10 GiB more than a plain iteration (ZeRO-2's gradient partition did not fit): the
-        # timings above must survive that, so a failed count only leaves the FLOPs unknown.
-        if dev.type == "cuda":
-            torch.cuda.empty_cache()
-        try:
-            fl, _ = iteration_flops(run, it, recompute_per_sample)
-        except torch.OutOfMemoryError as e:
-            print(f"FLOP count skipped (out of memory under the counter): {e}", flush=True)
-        else:
-            hw = sum(fl.hardware(n) for n in backsim) / iters
-            if fl.recompute is not None:
-                model = hw - fl.recompute
-        it += 1
-    return TrainingMeasure(b, seconds, peak, breakdown, hw, model, it)
+    if flops is not None:
+        hw = sum(flops.hardware(b, n) for n in backsim) / iters
+        model = sum(flops.model(b, n) for n in backsim) / iters
+    mean_backsim = sum(backsim) / iters
+    return TrainingMeasure(b, seconds, peak, breakdown, hw, model, it, mean_backsim)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -172,6 +172,15 @@ class TeacherSampler:
         self.guidance_scale = guidance_scale
         self.timesteps = list(timesteps or [])
 
+    def unet_evals_per_sample(self) -> int:
+        """UNet evaluations one sample costs (CFG doubles each: cond and uncond)."""
+        sched = self.scheduler
+        if self.timesteps:
+            sched.set_timesteps(timesteps=self.timesteps)
+        else:
+            sched.set_timesteps(self.num_steps)
+        return len(sched.timesteps) * (2 if self.guidance_scale > 1.0 else 1)
+
     @torch.no_grad()
     def sample(
         self,

@@ -42,7 +42,7 @@ class Batch:
 class IterationNoise:
     """Every rank-local random draw of one iteration, from the (seed, iteration, rank) stream."""
 
-    k_B: torch.Tensor  # refinement step per sample, 1-based
+    k_B: torch.Tensor  # refinement step per sample, 1-based; on the CPU (branching needs no sync)
     renoise_KBCHW: torch.Tensor  # fresh noise for the backward simulation, one per earlier step
     eps_BCHW: torch.Tensor  # the same epsilon re-noises real and fake to t*
     crops: dict[int, tuple[int, int]] = field(default_factory=dict)  # head id -> (top, left)
@@ -87,9 +87,10 @@ def draw_iteration_noise(
             h = layout.level_shapes[spec.level][1]
             top, left = torch.randint(h - spec.in_size + 1, (2,), generator=g).tolist()
             crops[hid] = (top, left)
-    # drawn on the CPU (same numbers on any device), then moved next to the batch
+    # drawn on the CPU (same numbers on any device), then moved next to the batch; k stays on
+    # the CPU: the backward simulation branches on it, which on a GPU would wait for the device
     return IterationNoise(
-        torch.tensor(ks, device=device),
+        torch.tensor(ks),
         torch.stack(renoise, dim=1).to(device),
         torch.stack(eps).to(device),
         crops,
@@ -106,7 +107,7 @@ def backward_simulation(
     """x_{t_k} for every sample: the student runs (no grad) the earlier steps of the 4-step
     schedule from x_T and its x0_hat is re-noised to t_k. Returns (x_t, t_B)."""
     ts = torch.tensor(denoiser.timesteps(denoiser.original_steps), device=batch.x_T.device)
-    k_B = noise.k_B.to(batch.x_T.device)
+    k_B = noise.k_B.cpu()
     x = batch.x_T.clone()
     for j in range(1, int(k_B.max())):
         sel = torch.nonzero(k_B > j).flatten()

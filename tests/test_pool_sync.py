@@ -1,5 +1,6 @@
 """The sharded pool protocol on CPU with gloo: W=1 and W=2 from the same seed and global batch
-give the same generator and the same pool; each of 2 ranks holds about half the pool."""
+give the same generator and the same pool, with the collectives overlapped (bucketed gradient
+all-reduce started from backward hooks) and blocking; each of 2 ranks holds about half the pool."""
 
 import os
 import socket
@@ -17,6 +18,11 @@ from nitro_dist.loop import build_run, train_step
 
 OVERRIDES = ["train.batch_size=4", "pool.refresh_rate=0.2", "pool.candidates=2"]
 ITERS = 3
+# W=2 variants: ~2 KB buckets (many per iteration, most sent during backward), and blocking
+VARIANTS = {
+    "overlap": ["pool.overlap_comm=true", "pool.bucket_mb=0.002", "train.grad_accum=2"],
+    "blocking": ["pool.overlap_comm=false"],
+}
 
 
 def average_grads(model: torch.nn.Module) -> None:
@@ -34,34 +40,37 @@ def average_grads(model: torch.nn.Module) -> None:
             off += p.numel()
 
 
-def run_rank(rank: int, world: int, out: str) -> dict:
+def run_rank(rank: int, world: int, out: str, variant: str = "") -> dict:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the same summation order in the W=1 run and each W=2 rank
     try:
-        return _run_rank(rank, world, out)
+        return _run_rank(rank, world, out, variant)
     finally:
         torch.set_num_threads(threads)  # W=1 runs in the pytest process itself
 
 
-def _run_rank(rank: int, world: int, out: str) -> dict:
-    cfg = load_config("tiny", OVERRIDES)
+def _run_rank(rank: int, world: int, out: str, variant: str) -> dict:
+    cfg = load_config("tiny", OVERRIDES + VARIANTS.get(variant, []))
     run = build_run(cfg, rank=rank, owned_heads=[], progress=False)
     run.rank, run.world_size, run.g.grad_sync = rank, world, average_grads
     run.pool = ShardedPool(run.layout, cfg.pool, cfg.seed, rank, world)
+    early = 0
     for it in range(ITERS):
         train_step(run, it)
+        early += run.pool.early_buckets
+    tag = f"w{world}{variant}"
     heads = {
         f"{h}.{n}": p.detach().clone()
         for h in run.pool.local.owned
         for n, p in run.pool.local.head(h).named_parameters()
     }
-    save_file(heads, os.path.join(out, f"heads_w{world}_r{rank}.safetensors"))
+    save_file(heads, os.path.join(out, f"heads_{tag}_r{rank}.safetensors"))
     if rank == 0:
         save_file(
             {k: v.contiguous() for k, v in run.models.student.state_dict().items()},
-            os.path.join(out, f"student_w{world}.safetensors"),
+            os.path.join(out, f"student_{tag}.safetensors"),
         )
-    return {"numel": run.pool.numel(), "owned": len(run.pool.local.owned)}
+    return {"numel": run.pool.numel(), "owned": len(run.pool.local.owned), "early": early}
 
 
 def _worker(rank: int, world: int, port: int, out: str) -> None:
@@ -70,8 +79,9 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
         "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
     )
     try:
-        info = run_rank(rank, world, out)
-        torch.save(info, os.path.join(out, f"info_w{world}_r{rank}.pt"))
+        for variant in VARIANTS:
+            info = run_rank(rank, world, out, variant)
+            torch.save(info, os.path.join(out, f"info_w{world}{variant}_r{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
@@ -87,30 +97,39 @@ def runs(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("sync"))
     one = run_rank(0, 1, out)
     mp.spawn(_worker, args=(2, free_port(), out), nprocs=2, join=True, start_method="spawn")
-    two = [torch.load(os.path.join(out, f"info_w2_r{r}.pt")) for r in range(2)]
+    two = {
+        v: [torch.load(os.path.join(out, f"info_w2{v}_r{r}.pt")) for r in range(2)]
+        for v in VARIANTS
+    }
     return out, one, two
 
 
-def test_w1_and_w2_give_the_same_generator_and_pool(runs):
-    out, _, _ = runs
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_w1_and_w2_give_the_same_generator_and_pool(runs, variant):
+    out, _, two = runs
     s1 = load_file(os.path.join(out, "student_w1.safetensors"))
-    s2 = load_file(os.path.join(out, "student_w2.safetensors"))
+    s2 = load_file(os.path.join(out, f"student_w2{variant}.safetensors"))
     for k in s1:
         torch.testing.assert_close(s1[k], s2[k], rtol=0, atol=2e-5)
     h1 = load_file(os.path.join(out, "heads_w1_r0.safetensors"))
     h2 = {
-        **load_file(os.path.join(out, "heads_w2_r0.safetensors")),
-        **load_file(os.path.join(out, "heads_w2_r1.safetensors")),
+        **load_file(os.path.join(out, f"heads_w2{variant}_r0.safetensors")),
+        **load_file(os.path.join(out, f"heads_w2{variant}_r1.safetensors")),
     }
     assert h1.keys() == h2.keys()  # every head owned exactly once across the two ranks
     for k in h1:
         torch.testing.assert_close(h1[k], h2[k], rtol=0, atol=2e-5)
+    early = [t["early"] for t in two[variant]]
+    if variant == "overlap":  # most buckets left from backward hooks, on both ranks
+        assert min(early) >= ITERS * 5, early
+    else:
+        assert early == [0, 0]
 
 
 def test_each_of_two_ranks_holds_about_half_the_pool(runs):
     _, one, two = runs
-    assert sum(t["owned"] for t in two) == one["owned"]
-    for t in two:
+    assert sum(t["owned"] for t in two["blocking"]) == one["owned"]
+    for t in two["blocking"]:
         assert t["numel"] / one["numel"] <= 0.55
 
 

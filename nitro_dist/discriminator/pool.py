@@ -9,7 +9,9 @@ process; a shard under distributed training) with one AdamW state per head.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -149,6 +151,22 @@ def init_head_(head: Head, seed: int, iteration: int, head_id: int) -> None:
 # Storage
 
 
+class PendingHeads:
+    """Active heads on their way (``start_gather``): ``wait()`` finishes the transfer, if there is
+    one, and returns them; compute between the start and the wait overlaps it."""
+
+    def __init__(self, finish: Callable[[], dict[int, Head]], work: Any = None) -> None:
+        self._finish, self._work = finish, work
+        self._heads: dict[int, Head] | None = None
+
+    def wait(self) -> dict[int, Head]:
+        if self._heads is None:
+            if self._work is not None:
+                self._work.wait()
+            self._heads = self._finish()
+        return self._heads
+
+
 class HeadPool(torch.nn.Module):
     """The heads one process owns, each with its own AdamW state.
 
@@ -190,6 +208,12 @@ class HeadPool(torch.nn.Module):
     def gather_active(self, head_ids: tuple[int, ...] | list[int]) -> dict[int, Head]:
         """Same interface as the sharded pool: on one process the active heads are local."""
         return self.active(head_ids)
+
+    def start_gather(self, head_ids: tuple[int, ...] | list[int]) -> PendingHeads:
+        return PendingHeads(lambda: self.active(head_ids))
+
+    def watch_grads(self, heads: dict[int, Head]) -> None:
+        """Same interface as the sharded pool: one process has no gradients to send."""
 
     def reduce_and_step(self, heads: dict[int, Head], timer: Timer = NO_TIMER) -> None:
         with timer("heads_optimizer"):

@@ -152,8 +152,8 @@ def build_tiny_sdxl(seed: int = 0, *, with_vae: bool = False) -> Models:
 def build_models(model_cfg: Any, seed: int = 0) -> Models:
     """Entry point: ``model_cfg`` is a ``config.ModelConfig``."""
     if model_cfg.source == "tiny_sdxl":
-        return build_tiny_sdxl(seed, with_vae=model_cfg.use_vae)
-    if model_cfg.source == "digits":
+        models = build_tiny_sdxl(seed, with_vae=model_cfg.use_vae)
+    elif model_cfg.source == "digits":
         if not (DIGITS_DIR / "unet" / "config.json").exists():
             raise ValueError(
                 f"the digits teacher weights are missing from {DIGITS_DIR}; "
