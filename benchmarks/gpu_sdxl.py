@@ -42,6 +42,13 @@ from nitro_dist.timing import PhaseTimer
 SETTINGS = {  # "base": the config defaults; "opt": the performance keys on
     "base": {"optim.fused": False, "pool.fused": False, "train.channels_last": False},
     "opt": {"optim.fused": True, "pool.fused": True, "train.channels_last": "measured"},
+    # "opt" plus torch.compile of the student (inductor); warm up >= 3: compile + recompile
+    "compiled": {
+        "optim.fused": True,
+        "pool.fused": True,
+        "train.channels_last": "measured",
+        "train.compile": True,
+    },
 }
 
 

@@ -70,6 +70,12 @@ phase 512_base 100 gpu_sdxl.py train --resolution $R1 --batch 4 --settings base 
 phase 512_opt 100 gpu_sdxl.py train --resolution $R1 --batch 4 --settings opt --profile --tag 512_opt
 phase 1024_opt 140 gpu_sdxl.py train --resolution $R2 --batch 1 --settings opt \
   --then-batch auto --skip-first --max-batch 8 --tag 1024_opt
+# Compiled training only when named: GPU_SDXL_PHASES="... 512_compile" (inductor compiles the
+# SDXL UNet's forward and backward for minutes before the first timed iteration)
+if [[ " ${GPU_SDXL_PHASES:-} " == *" 512_compile "* ]]; then
+  phase 512_compile 280 gpu_sdxl.py train --resolution $R1 --batch 4 --settings compiled \
+    --warmup 3 --tag 512_compile
+fi
 if ! want compiled; then
   :
 elif [ $((DEADLINE - SECONDS)) -ge 110 ]; then

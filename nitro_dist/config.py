@@ -146,6 +146,12 @@ class TrainConfig:
     # the teacher/backbone keeps NHWC. CUDA's eager GroupNorm runs NCHW (a transpose each way), so
     # measure before turning it on (benchmarks/gpu_sdxl.sh does).
     channels_last: bool = False
+    # torch.compile the student UNet (its forward and, through AOTAutograd, its backward).
+    # The first iterations compile (minutes at SDXL scale; the backward simulation's varying
+    # batch makes one dynamic-shape recompile). Not with ZeRO-3 (partitioned weights).
+    compile: bool = False
+    compile_backend: str = "inductor"  # any torch.compile backend (aot_eager: no codegen)
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune"] = "default"
 
 
 @dataclass(kw_only=True)
@@ -465,6 +471,20 @@ def validate(cfg: Config) -> None:
         f"train.grad_accum ({tr.grad_accum})",
     )
     need(d.zero_stage in (0, 1, 2, 3), "distributed.zero_stage", "must be 0, 1, 2 or 3")
+    need(
+        not (cfg.train.compile and d.zero_stage == 3),
+        "train.compile",
+        "is not supported with distributed.zero_stage=3 (partitioned weights): use ZeRO 0-2",
+    )
+    if cfg.train.compile:
+        import torch._dynamo
+
+        backends = [b for b in torch._dynamo.list_backends(exclude_tags=()) if "TEST" not in b]
+        need(
+            cfg.train.compile_backend in backends,
+            "train.compile_backend",
+            f"{cfg.train.compile_backend!r} is not a torch.compile backend ({', '.join(backends)})",
+        )
     need(d.cpus_per_worker > 0, "distributed.cpus_per_worker", "must be > 0")
     need(d.gpus_per_worker > 0, "distributed.gpus_per_worker", "must be > 0")
     need(d.max_failures >= -1, "distributed.max_failures", "must be >= 0 (or -1: unlimited)")

@@ -236,6 +236,10 @@ def build_run(
     run.g = TorchUpdate(models.student, cfg)
     if cfg.optim.ema_decay > 0:
         run.ema = copy.deepcopy(models.student).requires_grad_(False).eval()
+    if cfg.train.compile:  # in place: parameters and state_dict keys stay as they were
+        t = cfg.train
+        mode = t.compile_mode if t.compile_backend == "inductor" else None
+        models.student.compile(backend=t.compile_backend, mode=mode)
     return run
 
 

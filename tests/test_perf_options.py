@@ -197,24 +197,30 @@ from nitro_dist.distributed.parallel import parallelize
 from nitro_dist.loop import build_run, train_step
 
 perf.init_process_group(torch.device("cpu"))
-cfg = load_config("tiny", ["train.precision=bf16", "distributed.zero_stage=2",
-                           "logging.wandb=false"])
-run = build_run(cfg, progress=False)
-parallelize(run, 0, 1)
-before = [p.detach().clone() for p in run.g.student.parameters()]
-losses = [train_step(run, i)["g_loss"] for i in range(2)]
-after = list(run.g.student.parameters())
-print("ENGINE", type(run.g).__name__, after[0].dtype)
-print("FINITE", all(torch.isfinite(torch.tensor(losses))))
-print("MOVED", any(not torch.equal(a, b) for a, b in zip(after, before)))
+base = ["train.precision=bf16", "distributed.zero_stage=2", "logging.wandb=false"]
+for name, extra in (("eager", []), ("compiled", ["train.compile=true",
+                                                  "train.compile_backend=eager"])):
+    run = build_run(load_config("tiny", base + extra), progress=False)
+    parallelize(run, 0, 1)
+    before = [p.detach().clone() for p in run.g.student.parameters()]
+    torch._dynamo.utils.counters.clear()
+    losses = [train_step(run, i)["g_loss"] for i in range(2)]
+    after = list(run.g.student.parameters())
+    print(name, "ENGINE", type(run.g).__name__, after[0].dtype)
+    print(name, "FINITE", all(torch.isfinite(torch.tensor(losses))))
+    print(name, "MOVED", any(not torch.equal(a, b) for a, b in zip(after, before)))
+    print(name, "GRAPHS", torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0)
+    print(name, "LOSSES", *losses)
 """
 
 
-def test_bf16_under_deepspeed_keeps_fp32_weights_and_trains():
+def test_bf16_and_compile_under_deepspeed_keep_fp32_weights_and_train():
     """precision=bf16 under DeepSpeed: autocast inside the engine (its torch_autocast section)
     over fp32 master weights. DeepSpeed's own bf16 section had cast G to bf16 while the
     inputs stayed fp32, which failed on the first H100 run ("mat1 and mat2 must have the same
-    dtype"); autocast runs on the CPU too, so this checks that path here."""
+    dtype"); autocast runs on the CPU too, so this checks that path here. The same run with
+    train.compile (dynamo graph capture; the backend "eager" skips code generation, which on
+    this CPU takes minutes) traces graphs and trains alike."""
     import subprocess
     import sys
 
@@ -222,5 +228,24 @@ def test_bf16_under_deepspeed_keeps_fp32_weights_and_trains():
         [sys.executable, "-c", BF16_DEEPSPEED], capture_output=True, text=True, timeout=600
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "ENGINE DeepSpeedUpdate torch.float32" in proc.stdout
-    assert "FINITE True" in proc.stdout and "MOVED True" in proc.stdout
+    out = dict(line.split(" ", 1) for line in proc.stdout.splitlines() if line[:1] in "ec")
+    lines = proc.stdout.splitlines()
+    for name in ("eager", "compiled"):
+        assert f"{name} ENGINE DeepSpeedUpdate torch.float32" in lines
+        assert f"{name} FINITE True" in lines and f"{name} MOVED True" in lines
+    assert "eager GRAPHS False" in lines and "compiled GRAPHS True" in lines
+    eager, compiled = (
+        [float(v) for v in next(x for x in lines if x.startswith(f"{n} LOSSES")).split()[2:]]
+        for n in ("eager", "compiled")
+    )
+    assert compiled == pytest.approx(eager, rel=2e-2, abs=2e-3), out
+
+
+def test_compile_keeps_state_dict_keys_and_refuses_zero3(tiny_cfg):
+    run = build_run(tiny_cfg("train.compile=true", "train.compile_backend=eager"), progress=False)
+    plain = build_run(tiny_cfg(), progress=False)
+    assert run.models.student.state_dict().keys() == plain.models.student.state_dict().keys()
+    with pytest.raises(ValueError, match="train.compile"):
+        tiny_cfg("train.compile=true", "distributed.zero_stage=3")
+    with pytest.raises(ValueError, match="train.compile_backend"):
+        tiny_cfg("train.compile=true", "train.compile_backend=nope")
