@@ -1,0 +1,65 @@
+"""What a training run tells its user: progress lines on stdout, metrics.jsonl, wandb."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from nitro_dist.config import Config, to_dict
+
+
+def say(line: str) -> None:
+    """One line to stdout (job logs). Not print(): Ray Train patches print into its logger,
+    which shows every line twice in the driver's output."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
+def progress_line(done: int, total: int, m: dict[str, float]) -> str:
+    return (
+        f"[iteration {done}/{total}] g_loss={m['g_loss']:.4f} d_loss={m['d_loss']:.4f} "
+        f"d_acc={m['d_acc_real']:.2f}/{m['d_acc_fake']:.2f} t*={m['t_star']} "
+        f"refreshed={m['refreshed_heads']} images/s={m['images_per_s']:.1f}"
+    )
+
+
+class MetricsLogger:
+    """metrics.jsonl always; wandb (offline by default) when ``logging.wandb`` is on."""
+
+    def __init__(self, run_dir: Path, cfg: Config) -> None:
+        self.path = run_dir / "metrics.jsonl"
+        self.wandb = None
+        if cfg.logging.wandb and cfg.logging.wandb_mode != "disabled":
+            import wandb
+
+            self.wandb = wandb.init(
+                project=cfg.logging.project,
+                name=cfg.run_name,
+                dir=str(run_dir),
+                mode=cfg.logging.wandb_mode,
+                config=to_dict(cfg),
+                resume="allow",
+            )
+
+    def log(self, iteration: int, images_seen: int, metrics: dict[str, Any]) -> None:
+        if not metrics:
+            return
+        row = {"iteration": iteration, "images_seen": images_seen, **metrics}
+        with self.path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        if self.wandb is not None:
+            self.wandb.log(row, step=iteration)
+
+    def images(self, iteration: int, paths: list[Path]) -> None:
+        if self.wandb is not None:
+            import wandb
+
+            self.wandb.log(
+                {p.stem.split("_")[-1]: wandb.Image(str(p)) for p in paths}, step=iteration
+            )
+
+    def close(self) -> None:
+        if self.wandb is not None:
+            self.wandb.finish()
