@@ -21,6 +21,7 @@ measurement to OUT/results.jsonl and prints it:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import json
 import statistics
@@ -247,7 +248,7 @@ def choose_batch(ph: Phase, run, it: int, b0: int, t_it: float) -> int:
 
 def measure(ph: Phase, run, it: int, iters: int, common: dict) -> dict:
     found = [r for r in ph.records("flops") if r["resolution"] == ph.args.resolution]
-    flops = perf.IterationFlops(*(found[-1][k] for k in FLOP_FIELDS)) if found else None
+    flops = perf.IterationFlops.from_record(found[-1]) if found else None
     m = perf.measure_training(run, it, iters, flops=flops)  # no flops yet: the report adds MFU
     mfu, hfu = m.utilisation(perf.peak_flops(ph.name))
     return ph.emit(
@@ -291,9 +292,6 @@ def profile(ph: Phase, run, it: int) -> None:
 # flops: checkpointing's recomputation per sample (meta tensors, CPU)
 
 
-FLOP_FIELDS = ("hardware_per_sample", "model_per_sample", "per_backsim")
-
-
 def flops(ph: Phase) -> None:
     """The training iteration's FLOPs per sample at each resolution, counted on meta tensors
     (perf.meta_iteration_flops) with the train phase's config: the GPU is left to training."""
@@ -309,8 +307,7 @@ def flops(ph: Phase) -> None:
         fl = perf.meta_iteration_flops(
             cfg, unet_cfg, unet_cfg, (4, res // 8, res // 8), cond, tiny.SDXL_SCHEDULE
         )
-        counts = {k: getattr(fl, k) for k in FLOP_FIELDS}
-        ph.emit("flops", resolution=res, **counts, s=time.time() - t0)
+        ph.emit("flops", resolution=res, **dataclasses.asdict(fl), s=time.time() - t0)
 
 
 def base_parser(doc: str | None) -> argparse.ArgumentParser:

@@ -10,6 +10,8 @@ import argparse
 import json
 from pathlib import Path
 
+from nitro_dist.perf import IterationFlops
+
 TARGET_MFU, TARGET_1STEP_MS = 0.35, 150.0
 
 
@@ -33,9 +35,8 @@ def with_mfu(train: list[dict], flops: list[dict]) -> None:
         f = found.get(r["resolution"])
         if r.get("hardware_tflop_per_iteration") is not None or f is None:
             continue
-        extra = f["per_backsim"] * r.get("mean_backsim", 0.0)
-        hw = r["batch"] * f["hardware_per_sample"] + extra
-        model = r["batch"] * f["model_per_sample"] + extra
+        fl, n = IterationFlops.from_record(f), r.get("mean_backsim", 0.0)
+        hw, model = fl.hardware(r["batch"], n), fl.model(r["batch"], n)
         r["hardware_tflop_per_iteration"], r["model_tflop_per_iteration"] = hw / 1e12, model / 1e12
         if r.get("peak_flops"):
             per_s = 1000 / r["iteration_ms_mean"] / r["peak_flops"]

@@ -43,6 +43,7 @@ from nitro_dist.discriminator.pool import (
 from nitro_dist.evaluation import evaluate, generator_for_eval, save_sample_grids
 from nitro_dist.models.builders import Models, build_models
 from nitro_dist.models.text import Cond
+from nitro_dist.optim import adamw
 from nitro_dist.run_log import MetricsLogger, progress_line, say
 from nitro_dist.sampling import StudentDenoiser, TeacherSampler, seeded_noise
 from nitro_dist.timing import NO_TIMER, Timer
@@ -95,13 +96,7 @@ class TorchUpdate:
     ) -> None:
         o = cfg.optim
         self.student, self.grad_clip, self.accum = student, o.grad_clip, cfg.train.grad_accum
-        self.optimizer = torch.optim.AdamW(
-            student.parameters(),
-            lr=o.lr,
-            betas=tuple(o.betas),
-            weight_decay=o.weight_decay,
-            fused=o.fused or None,  # None: torch's default (foreach on GPU)
-        )
+        self.optimizer = adamw(student.parameters(), o)
         self.grad_sync = grad_sync
 
     @property

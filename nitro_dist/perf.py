@@ -95,6 +95,11 @@ class IterationFlops:
     model_per_sample: float  # the same iteration without it
     per_backsim: float  # one student forward of one sample, no grad
 
+    @classmethod
+    def from_record(cls, rec: dict[str, Any]) -> IterationFlops:
+        """From a results row that holds these fields (``dataclasses.asdict`` wrote them)."""
+        return cls(rec["hardware_per_sample"], rec["model_per_sample"], rec["per_backsim"])
+
     def hardware(self, batch: int, n_backsim: float) -> float:
         return batch * self.hardware_per_sample + self.per_backsim * n_backsim
 
@@ -232,11 +237,9 @@ def measure_training(
         train_step(run, it, timer)
         it += 1
     breakdown = {k: v / max(breakdown_iters, 1) for k, v in timer.seconds.items()}
-    hw = model = None
-    if flops is not None:
-        hw = sum(flops.hardware(b, n) for n in backsim) / iters
-        model = sum(flops.model(b, n) for n in backsim) / iters
-    mean_backsim = sum(backsim) / iters
+    mean_backsim = sum(backsim) / iters  # FLOPs are linear in it: the mean iteration's FLOPs
+    hw = None if flops is None else flops.hardware(b, mean_backsim)
+    model = None if flops is None else flops.model(b, mean_backsim)
     return TrainingMeasure(b, seconds, peak, breakdown, hw, model, it, mean_backsim)
 
 
@@ -286,6 +289,13 @@ class CudaGraphed:
         return static, graph, out
 
 
+def _accelerated(fn: Callable[..., Any], graphs: bool, compile: str | None) -> Callable[..., Any]:
+    """``fn`` compiled (a torch.compile mode) and/or replayed as CUDA graphs."""
+    if compile is not None:
+        fn = torch.compile(fn, mode=compile)
+    return CudaGraphed(fn) if graphs else fn
+
+
 def _cast(dtype: torch.dtype) -> Callable[[Any], Any]:
     return lambda v: v.to(dtype) if torch.is_tensor(v) and v.is_floating_point() else v
 
@@ -309,10 +319,7 @@ class LowPrecisionUNet:
         def predict(x: torch.Tensor, t: torch.Tensor, **kw: Any) -> torch.Tensor:
             return unet(x, t, **kw).sample
 
-        fn: Callable[..., torch.Tensor] = predict
-        if compile is not None:
-            fn = torch.compile(fn, mode=compile)
-        self.fn = CudaGraphed(fn) if graphs else fn
+        self.fn = _accelerated(predict, graphs, compile)
         self.compiled = compile is not None
 
     @torch.no_grad()
@@ -334,10 +341,7 @@ class LowPrecisionDecoder:
         def decode(z: torch.Tensor) -> torch.Tensor:
             return vae.decode(z / scale).sample
 
-        fn: Callable[[torch.Tensor], torch.Tensor] = decode
-        if compile is not None:
-            fn = torch.compile(fn, mode=compile)
-        self.fn = CudaGraphed(fn) if graphs else fn
+        self.fn = _accelerated(decode, graphs, compile)
         self.compiled = compile is not None
 
     @torch.no_grad()

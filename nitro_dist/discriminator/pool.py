@@ -17,6 +17,7 @@ import torch
 
 from nitro_dist import rng
 from nitro_dist.discriminator.heads import Head, crop_size
+from nitro_dist.optim import adamw
 from nitro_dist.timing import NO_TIMER, Timer
 
 INITIAL_ITERATION = -1  # key of the weights a head gets when the pool is built
@@ -186,12 +187,9 @@ class HeadPool(torch.nn.Module):
             head = layout.build_head(hid)
             init_head_(head, seed, INITIAL_ITERATION, hid)
             self.heads[str(hid)] = head
-        self.optimizer = torch.optim.AdamW(
+        self.optimizer = adamw(
             self.heads.parameters() if self.owned else [torch.nn.Parameter(torch.zeros(1))],
-            lr=pool_cfg.lr,
-            betas=tuple(pool_cfg.betas),
-            weight_decay=pool_cfg.weight_decay,
-            fused=pool_cfg.fused or None,  # None: torch's default (foreach on GPU)
+            pool_cfg,
         )
 
     def head(self, head_id: int) -> Head:

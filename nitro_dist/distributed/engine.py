@@ -27,6 +27,7 @@ from deepspeed.utils import (
 
 from nitro_dist import checkpoint as ckpt
 from nitro_dist.config import Config
+from nitro_dist.optim import adamw
 
 ADAM_KEYS = ("exp_avg", "exp_avg_sq")
 
@@ -62,13 +63,7 @@ class DeepSpeedUpdate:
         o = cfg.optim
         # ZeRO 1/2/3 hand this AdamW one flat fp32 partition: fused steps it in one kernel with
         # no full-size temporaries (foreach allocates one as large as the partition)
-        opt = torch.optim.AdamW(
-            student.parameters(),
-            lr=o.lr,
-            betas=tuple(o.betas),
-            weight_decay=o.weight_decay,
-            fused=o.fused or None,  # None: torch's default (foreach on GPU)
-        )
+        opt = adamw(student.parameters(), o)
         bf16 = cfg.train.precision == "bf16"
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=student, optimizer=opt, config=deepspeed_config(cfg, world_size, bf16)
