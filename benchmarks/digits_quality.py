@@ -19,12 +19,12 @@ import torch
 
 from nitro_dist.config import load_config
 from nitro_dist.data.pairs import teacher_x0
+from nitro_dist.diffusion import TeacherSampler
 from nitro_dist.digits.data import PROMPTS
 from nitro_dist.digits.metric import DigitsEvaluator
-from nitro_dist.evaluation import EVAL_SEED_OFFSET
 from nitro_dist.inference import Generator
 from nitro_dist.models.builders import build_models
-from nitro_dist.sampling import TeacherSampler
+from nitro_dist.tasks import EVAL_SEED_OFFSET
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

@@ -5,7 +5,7 @@ train phase turns ``train.channels_last`` on only where this shows a gain); one 
 G's 2.6B parameters, foreach vs fused (time and the extra memory).
 
 Generation end to end, batch 1 (text encoders + UNet steps + VAE decode, split by stage):
-  eager_autocast  bf16 modules under autocast: the old path (benchmarks/gpu_step.py)
+  eager_autocast  bf16 modules under autocast: the old path (the first H100 run)
   eager_bf16      bf16 modules without autocast (as diffusers pipelines run), fp32 sampler maths
   cuda_graphs     eager_bf16 with the UNet and the VAE decode replayed as CUDA graphs
   compiled        torch.compile(mode="reduce-overhead") UNet and VAE decode, channels-last
@@ -24,11 +24,11 @@ import time
 import torch
 from gpu_sdxl import Phase, base_parser, guarded, median_ms
 
-from nitro_dist import perf
+from nitro_dist import inference, perf
+from nitro_dist.diffusion import StudentDenoiser, seeded_noise
 from nitro_dist.models import tiny
 from nitro_dist.models.builders import build_sdxl_from_configs
 from nitro_dist.models.text import Cond
-from nitro_dist.sampling import StudentDenoiser, seeded_noise
 
 PROMPT = "a photo of a cat on a red sofa"
 VARIANTS = ["eager_autocast", "eager_bf16", "cuda_graphs", "compiled"]
@@ -113,8 +113,8 @@ def variant_calls(variant: str, unet, vae):
     if comp:  # inductor picks NHWC kernels and decomposes GroupNorm: no transposes
         unet.to(memory_format=torch.channels_last)
         vae.to(memory_format=torch.channels_last)
-    u = perf.LowPrecisionUNet(unet, graphs=graphs, compile=comp)
-    return u, perf.LowPrecisionDecoder(vae, graphs=graphs, compile=comp)
+    u = inference.LowPrecisionUNet(unet, graphs=graphs, compile=comp)
+    return u, inference.LowPrecisionDecoder(vae, graphs=graphs, compile=comp)
 
 
 def run_variant(ph: Phase, variant: str, text, unet, vae, denoiser) -> None:

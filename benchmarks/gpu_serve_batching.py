@@ -1,6 +1,7 @@
 """GPU check for serving: what Serve's dynamic batching buys at SDXL scale.
 
-The replica's own code path (``nitro_dist.serving.run_jobs`` on ``nitro_dist.inference.Generator``:
+The replica's own code path (``nitro_dist.image_api.run_jobs`` on
+``nitro_dist.inference.Generator``:
 text encoders, shifted-LCM UNet steps, VAE decode, PNG encode) on an SDXL-architecture model with
 random weights from the shipped configs, bf16, 1024². Eight concurrent requests served one per
 model call (batching off) vs all eight in one call (batching on, what ``@serve.batch`` groups),
@@ -32,7 +33,7 @@ def sync() -> float:
 def build(smoke: bool):
     from diffusers import AutoencoderKL
 
-    from nitro_dist.evaluation import scheduler_from_schedule
+    from nitro_dist.diffusion import NitroLCMScheduler
     from nitro_dist.inference import Generator
     from nitro_dist.models import tiny
     from nitro_dist.models.builders import build_sdxl_from_configs
@@ -57,7 +58,7 @@ def build(smoke: bool):
         m = build_sdxl_from_configs(unet, text, None)
         vae_model = AutoencoderKL(**vae)
     del m.student
-    sched = scheduler_from_schedule(m.schedule, shift=250)
+    sched = NitroLCMScheduler.from_schedule(m.schedule, shift=250)
     return Generator(m.teacher, m.text, sched, vae_model, device=dev, dtype=dtype)
 
 
@@ -73,7 +74,7 @@ def main() -> int:
     args = ap.parse_args()
     if not args.smoke and not torch.cuda.is_available():
         raise SystemExit("benchmarks/gpu_serve_batching.py needs a CUDA device (or --smoke)")
-    from nitro_dist.serving import Job, run_jobs
+    from nitro_dist.image_api import Job, run_jobs
 
     t0 = time.time()
     gen = build(args.smoke)

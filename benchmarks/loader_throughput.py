@@ -59,8 +59,9 @@ def read_rate(spec: str, workers: int, batch: int) -> tuple[float, int]:
 
 def digits_consumption(iters: int) -> float:
 
+    from nitro_dist.build import build_run
     from nitro_dist.config import load_config
-    from nitro_dist.loop import build_run, train_step
+    from nitro_dist.step import train_step
 
     cfg = load_config("digits", ["logging.wandb=false"])
     run = build_run(cfg, progress=False)

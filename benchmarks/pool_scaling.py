@@ -30,12 +30,13 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from nitro_dist.build import build_run
 from nitro_dist.config import load_config
 from nitro_dist.discriminator.backbone import backbone_features
 from nitro_dist.discriminator.pool import make_layout, sample_active
 from nitro_dist.distributed.owners import owned_by, owner_map
 from nitro_dist.distributed.pool_sync import ShardedPool
-from nitro_dist.loop import build_run, train_step
+from nitro_dist.step import train_step
 
 RESULTS = Path(__file__).resolve().parent / "results"
 STATIC = ["pool.candidates=1", "pool.refresh_rate=0.0"]
@@ -132,7 +133,7 @@ def sdxl_counts() -> dict:
     cfg = load_config("sdxl_realism")
     with torch.device("meta"):  # shapes only: no weights are allocated
         unet = UNet2DConditionModel(**SDXL_UNET)
-        side = cfg.data.resolution // 8
+        side = SDXL_UNET["sample_size"]  # 128: 1024² images
         cond = Cond(torch.zeros(1, 77, 2048), torch.zeros(1, 1280), torch.zeros(1, 6))
         feats = backbone_features(
             unet, torch.zeros(1, 4, side, side), torch.zeros(1, dtype=torch.long), cond

@@ -44,7 +44,7 @@ def summary(lat_s: list[float], wall_s: float, images: int) -> dict:
 
 
 def checkpoint_or_make(path: str | None) -> str:
-    from nitro_dist import checkpoint as ckpt
+    from nitro_dist import checkpoint_layout as ckpt
 
     try:
         return str(ckpt.resolve(path or "runs/digits").resolve())
@@ -66,8 +66,8 @@ def direct(checkpoint: str, steps: int, n: int, batch: int) -> dict:
     """The replica's work in this process: generate + PNG-encode, ``batch`` requests per call."""
     import torch
 
+    from nitro_dist.image_api import Job, run_jobs
     from nitro_dist.inference import Generator
-    from nitro_dist.serving import Job, run_jobs
 
     torch.set_num_threads(1)  # a CPU replica gets one thread (fractional num_cpus)
     gen = Generator.from_checkpoint(checkpoint)

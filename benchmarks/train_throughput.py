@@ -34,10 +34,12 @@ import torch
 import torch.distributed as dist
 
 from nitro_dist import perf
+from nitro_dist.build import build_run
 from nitro_dist.config import Config, load_config, with_values
-from nitro_dist.loop import TorchUpdate, build_run, train_step
+from nitro_dist.distributed.g_update import TorchUpdate
 from nitro_dist.models import tiny
 from nitro_dist.models.builders import Models, build_sdxl_from_configs
+from nitro_dist.step import train_step
 
 PHASE_ORDER = [
     "data", "teacher", "pool_gather", "g_backsim", "g_forward", "backbone", "heads",
@@ -52,28 +54,23 @@ def make_config(args: argparse.Namespace, mode: str, variant: str = "") -> Confi
     if not any(o.startswith("teacher.offline_pairs=") for o in args.overrides):
         values["teacher.offline_pairs"] = max(cfg.train.batch_size * 2, 16)
     if cfg.data.source == "shards" and "PLACEHOLDER" in cfg.data.shards:
-        values["data.source"] = "digits"
+        # the digits task's built-in prompts stand in for captions: the latents' size counts
+        values["task"], values["data.source"] = "digits", "task"
     return with_values(cfg, values)
 
 
-def synthetic_models(cfg: Config, device: torch.device) -> Models | None:
-    """Random SDXL weights for a diffusers preset whose paths are placeholders."""
+def synthetic_models(cfg: Config, device: torch.device, resolution: int) -> Models | None:
+    """Random SDXL weights for a diffusers preset whose paths are placeholders, trained at
+    ``resolution`` pixels (latents of a VAE with 8x downsampling)."""
     if cfg.model.source != "diffusers" or Path(cfg.model.teacher_path or "").exists():
         return None
     with torch.device(device):
         models = build_sdxl_from_configs(tiny.SDXL_UNET, tiny.SDXL_TEXT_ENCODERS, None, cfg.seed)
-    side = cfg.data.resolution // 8
+    side = resolution // 8
     models.sample_shape = (4, side, side)
     if cfg.model.gradient_checkpointing:
         models.student.enable_gradient_checkpointing()
     return models
-
-
-def average_grads(module: torch.nn.Module) -> None:
-    for p in module.parameters():
-        if p.grad is not None:
-            dist.all_reduce(p.grad)
-            p.grad /= dist.get_world_size()
 
 
 def measure_mode(
@@ -84,7 +81,7 @@ def measure_mode(
     device = torch.device("cuda", rank) if gpu else torch.device("cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    models = synthetic_models(cfg, device)
+    models = synthetic_models(cfg, device, args.resolution)
     run = build_run(
         cfg, rank=rank, world_size=world, owned_heads=None if world == 1 else [],
         progress=False, models=models,
@@ -97,7 +94,7 @@ def measure_mode(
         from nitro_dist.distributed.pool_sync import ShardedPool
 
         run.pool = ShardedPool(run.layout, cfg.pool, cfg.seed, rank, world, run.device)
-        run.g = TorchUpdate(run.models.student, cfg, grad_sync=average_grads)
+        run.g = TorchUpdate(run.models.student, cfg, world_size=world)
     for it in range(args.warmup):
         train_step(run, it)
     flops = perf.run_iteration_flops(run) if device.type == "cuda" else None  # meta tensors
@@ -200,6 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--breakdown-iters", type=int, default=2)
     ap.add_argument("--teacher", choices=["both", "offline", "online"], default="both")
     ap.add_argument("--engine", choices=["deepspeed", "torch"], default="deepspeed")
+    ap.add_argument("--resolution", type=int, default=1024, help="SDXL presets: pixels")
     ap.add_argument("--threads", type=int, default=0, help="torch threads per worker (0: share)")
     ap.add_argument("--compare", default=None, help="KEY=A,B: each value side by side")
     ap.add_argument("--json", type=Path, default=None)

@@ -18,14 +18,16 @@ import yaml
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 HEAD_KINDS = ("global_cond", "local_cond", "local_uncond")
+# SDXL-family noise schedules have 1000 training timesteps; build_run checks the model's own.
+MAX_TIMESTEPS = 1000
 
 
 @dataclass(kw_only=True)
 class ModelConfig:
-    # "digits": the shipped digits teacher; "tiny_sdxl": a tiny SDXL-architecture model built from
-    # configs (tests); "diffusers": a diffusers folder (unet/, text_encoder[_2]/, tokenizer[_2]/,
-    # scheduler/, optional vae/) at ``teacher_path``.
-    source: Literal["digits", "tiny_sdxl", "diffusers"] = "digits"
+    # "task": the task's own models (digits: the shipped teacher); "tiny_sdxl": a tiny
+    # SDXL-architecture model built from configs (tests); "diffusers": a diffusers folder (unet/,
+    # text_encoder[_2]/, tokenizer[_2]/, scheduler/, optional vae/) at ``teacher_path``.
+    source: Literal["task", "tiny_sdxl", "diffusers"] = "task"
     teacher_path: str | None = None
     # Student initialisation: a diffusers UNet folder (e.g. DMD2-1step); None copies the teacher.
     student_path: str | None = None
@@ -40,7 +42,6 @@ class SamplerConfig:
 
     shift: int = 250  # UNet is told t' = floor(t * shift / 1000); 250 realism, 500 vibrant
     original_inference_steps: int = 4
-    num_train_timesteps: int = 1000
 
 
 @dataclass(kw_only=True)
@@ -111,11 +112,11 @@ class OptimConfig:
 
 @dataclass(kw_only=True)
 class DataConfig:
-    # "digits": the ten digit prompts with seeded noise; "shards": WebDataset prompt / teacher-pair
-    # shards at ``shards`` (local path or fsspec URL such as s3://bucket/pairs-{000000..000099}.tar)
-    source: Literal["digits", "shards"] = "digits"
+    # "task": the task's built-in prompts (digits: the ten digit prompts) with seeded noise;
+    # "shards": WebDataset prompt / teacher-pair shards at ``shards`` (local path or fsspec URL such
+    # as s3://bucket/pairs-{000000..000099}.tar). The image size is the UNet's (its config).
+    source: Literal["task", "shards"] = "task"
     shards: str = ""
-    resolution: int = 8  # image side in pixels (latent side x 8 with a VAE)
     num_workers: int = 2  # loader processes per rank (0: read in the training process)
     shuffle_buffer: int = 1000  # samples per loader worker's shuffle buffer (1: no shuffle)
     # Audit: each rank appends "<epoch> <iteration> <sample key>" for every sample it trains on
@@ -134,7 +135,10 @@ class TrainConfig:
     num_threads: int = 0  # 0 = torch default
     log_every: int = 25
     sample_every: int = 250
-    grid_per_prompt: int = 8  # sample-grid columns: images per digit prompt
+    grid_per_prompt: int = 8  # sample-grid columns: images per prompt
+    # Grid rows (and the evaluation prompts of task "prompts"): a list, or a prompt file
+    # (.txt/.jsonl/.csv/.parquet); empty = the task's own.
+    sample_prompts: list[str] | str = field(default_factory=list)
     eval_every: int = 0  # 0 = only at the end
     eval_images: int = 500
     checkpoint_every: int = 500
@@ -204,6 +208,9 @@ class LoggingConfig:
 class Config:
     seed: int = 0
     run_name: str = "digits"
+    # What the run is about (nitro_dist.tasks): "digits" (built in), "prompts" (any other run:
+    # shards + train.sample_prompts), or a package.module:Class of your own.
+    task: str = "digits"
     model: ModelConfig = field(default_factory=ModelConfig)
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
@@ -422,7 +429,9 @@ def validate(cfg: Config) -> None:
     need(len(set(p.kinds)) == len(p.kinds), "pool.kinds", "kinds repeat")
     need(len(p.t_buckets) > 0, "pool.t_buckets", "at least one t* bucket is needed")
     for i, t in enumerate(p.t_buckets):
-        need(0 <= t < cfg.sampler.num_train_timesteps, f"pool.t_buckets[{i}]", f"{t} out of range")
+        need(
+            0 <= t < MAX_TIMESTEPS, f"pool.t_buckets[{i}]", f"{t} is not in 0..{MAX_TIMESTEPS - 1}"
+        )
     need(p.t_jitter >= 0, "pool.t_jitter", "must be >= 0")
     need(p.candidates >= 1, "pool.candidates", "must be >= 1")
     need(
@@ -431,18 +440,18 @@ def validate(cfg: Config) -> None:
         f"must be in 1..pool.candidates ({p.candidates})",
     )
     need(0.0 <= p.refresh_rate <= 1.0, "pool.refresh_rate", "must be in [0, 1]")
-    need(p.width >= 1 and p.depth >= 1, "pool.width", "width and depth must be >= 1")
+    need(p.width >= 1, "pool.width", "must be >= 1")
+    need(p.depth >= 1, "pool.depth", "must be >= 1")
     need(0.0 < p.crop_frac <= 1.0, "pool.crop_frac", "must be in (0, 1]")
     need(p.bucket_mb > 0, "pool.bucket_mb", "must be > 0")
     need(len(p.betas) == 2, "pool.betas", "needs two values")
     need(len(cfg.optim.betas) == 2, "optim.betas", "needs two values")
-    need(cfg.optim.lr > 0 and p.lr > 0, "optim.lr", "learning rates must be > 0")
+    need(cfg.optim.lr > 0, "optim.lr", "must be > 0")
+    need(p.lr > 0, "pool.lr", "must be > 0")
     need(0.0 <= cfg.optim.ema_decay < 1.0, "optim.ema_decay", "must be in [0, 1)")
     need(cfg.optim.d_steps_per_g_step >= 1, "optim.d_steps_per_g_step", "must be >= 1")
     s = cfg.sampler
-    need(
-        1 <= s.shift <= s.num_train_timesteps, "sampler.shift", "must be in 1..num_train_timesteps"
-    )
+    need(1 <= s.shift <= MAX_TIMESTEPS, "sampler.shift", f"must be in 1..{MAX_TIMESTEPS}")
     need(s.original_inference_steps >= 1, "sampler.original_inference_steps", "must be >= 1")
     r = cfg.refinement.enable_at
     need(1 <= len(r) <= 4, "refinement.enable_at", "one start iteration per step k, 1 to 4 of them")
@@ -451,7 +460,8 @@ def validate(cfg: Config) -> None:
     t = cfg.teacher
     need(t.num_steps >= 1, "teacher.num_steps", "must be >= 1")
     need(t.guidance_scale >= 0, "teacher.guidance_scale", "must be >= 0")
-    need(t.offline_pairs >= 1 and t.batch_size >= 1, "teacher.offline_pairs", "must be >= 1")
+    need(t.offline_pairs >= 1, "teacher.offline_pairs", "must be >= 1")
+    need(t.batch_size >= 1, "teacher.batch_size", "must be >= 1")
     tr = cfg.train
     need(tr.iterations >= 0, "train.iterations", "must be >= 0")
     need(tr.batch_size >= 1, "train.batch_size", "must be >= 1")
@@ -496,7 +506,7 @@ def validate(cfg: Config) -> None:
     need(cfg.tune.reduction_factor >= 2, "tune.reduction_factor", "must be >= 2")
     if cfg.model.source == "diffusers":
         need(bool(cfg.model.teacher_path), "model.teacher_path", "required for source=diffusers")
-    need(cfg.data.resolution >= 8, "data.resolution", "must be >= 8")
+    need(bool(cfg.task), "task", "must name a task (digits, prompts, or package.module:Class)")
     if cfg.data.source == "shards":
         need(bool(cfg.data.shards), "data.shards", "required for data.source=shards")
     need(cfg.data.num_workers >= 0, "data.num_workers", "must be >= 0")

@@ -1,4 +1,4 @@
-"""Evaluate a checkpoint at 1-4 steps: FID (clean-fid), CLIP score, and the digits metrics.
+"""Evaluate a checkpoint at 1-4 steps: the task's metrics, FID (clean-fid), CLIP score.
 
 Examples:
   python -m nitro_dist.eval --checkpoint runs/digits                       # digits: FID-digits
@@ -8,7 +8,8 @@ Examples:
       --reference coco_val2014_5k/          # the paper's COCO-5k protocol (files you supply)
 
 Metrics per step count:
-- digits-shaped checkpoints: FID-digits and prompt alignment (the shipped metric network);
+- the metrics of the checkpoint's task (its config's ``task``): digits: FID-digits and prompt
+  alignment (the shipped metric network); prompts: diversity and pixel spread;
 - --reference DIR (images) or STATS.npz (mu, sigma): FID with clean-fid ("clean" mode). clean-fid
   is the optional extra `pip install -e .[eval]`; its Inception weights must already be in its
   cache (offline machines: copy them there; the error names the place);
@@ -32,20 +33,18 @@ from typing import Any
 import numpy as np
 import torch
 
+from nitro_dist.tasks import Task
+
 PRESETS = {"coco5k": {"num_images": 5000, "steps": [1, 4]}}
 
 
-def prompt_set(path: str | None, num_images: int, digits: bool) -> list[str]:
-    from nitro_dist.digits.data import PROMPTS
+def prompt_set(path: str | None, num_images: int, task: Task) -> list[str]:
+    """``--prompts`` cycled to ``num_images``, else the task's evaluation prompts."""
+    if path is None:
+        return task.eval_prompts(num_images)
+    from nitro_dist.data.prompts import read_prompts
 
-    if path is not None:
-        from nitro_dist.data.write_shards import read_prompts
-
-        prompts = read_prompts(path, "prompt")
-    elif digits:
-        prompts = list(PROMPTS)
-    else:
-        raise ValueError("--prompts FILE is needed for a non-digits checkpoint")
+    prompts = read_prompts(path, "prompt")
     return [prompts[i % len(prompts)] for i in range(num_images)]
 
 
@@ -73,25 +72,13 @@ def generate(ckpt: str, prompts: list[str], seeds: list[int], steps: int, args) 
 def _generate_chunk(ckpt, prompts, seeds, steps, device, batch_size) -> torch.Tensor:
     from nitro_dist.inference import Generator
 
-    gen = Generator.from_checkpoint(ckpt, device=device)
-    out = [
-        gen(prompts[s : s + batch_size], seeds[s : s + batch_size], steps)
-        for s in range(0, len(prompts), batch_size)
-    ]
-    return torch.cat(out) if out else torch.empty(0)
+    return Generator.from_checkpoint(ckpt, device=device, batch_size=batch_size)(
+        prompts, seeds, steps
+    )
 
 
 # ---------------------------------------------------------------------------------------------
 # metrics
-
-
-def digits_metrics(images: torch.Tensor, prompts: list[str]) -> dict[str, float]:
-    from nitro_dist.digits.data import PROMPTS
-    from nitro_dist.digits.metric import DigitsEvaluator
-
-    labels = torch.tensor([PROMPTS.index(p) for p in prompts])
-    res = DigitsEvaluator().evaluate(images, labels)
-    return {"fid_digits": res["fid_digits"], "alignment": res["alignment"]}
 
 
 def clean_fid(images: torch.Tensor, reference: str) -> float:
@@ -156,15 +143,14 @@ def clip_score(images: torch.Tensor, prompts: list[str], model_path: str) -> flo
 
 
 def evaluate(args) -> list[dict[str, Any]]:
-    from nitro_dist import checkpoint as ckpt
-    from nitro_dist.evaluation import EVAL_SEED_OFFSET
+    from nitro_dist import checkpoint_layout as ckpt
     from nitro_dist.images import save_grid
     from nitro_dist.inference import Generator
+    from nitro_dist.tasks import EVAL_SEED_OFFSET, task_of
 
     path = ckpt.resolve(args.checkpoint)
-    probe = Generator.from_checkpoint(path)
-    digits = probe.sample_shape == (1, 8, 8) and probe.vae is None
-    prompts = prompt_set(args.prompts, args.num_images, digits)
+    task = task_of(Generator.checkpoint_config(path))
+    prompts = prompt_set(args.prompts, args.num_images, task)
     seeds = [EVAL_SEED_OFFSET + args.seed + i for i in range(len(prompts))]
     out = Path(args.out or Path(path) / "eval")
     out.mkdir(parents=True, exist_ok=True)
@@ -172,8 +158,7 @@ def evaluate(args) -> list[dict[str, Any]]:
     for steps in args.steps:
         images = generate(str(path), prompts, seeds, steps, args)
         row: dict[str, Any] = {"steps": steps, "images": len(prompts)}
-        if digits:
-            row.update(digits_metrics(images, prompts))
+        row.update(task.metrics(images, prompts))
         if args.reference:
             row["fid"] = clean_fid(images, args.reference)
         if args.clip:

@@ -1,12 +1,15 @@
-"""Images out: [-1, 1] tensors -> PNG files and grids."""
+"""Images out: [-1, 1] tensors -> PNG files, grids and sample grids."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
+
+from nitro_dist.tasks import EVAL_SEED_OFFSET
 
 
 def to_uint8_hwc(images_NCHW: torch.Tensor) -> np.ndarray:
@@ -41,3 +44,23 @@ def save_grid(
     path.parent.mkdir(parents=True, exist_ok=True)
     to_pil(canvas, scale).save(path)
     return path
+
+
+def save_sample_grids(
+    generate: Callable[[list[str], list[int], int], torch.Tensor],
+    prompts: list[str],
+    per_prompt: int,
+    folder: Path,
+    tag: str,
+    steps: tuple[int, ...] = (1, 2, 4),
+) -> list[Path]:
+    """``{tag}_{k}step.png`` for each step count: one row per prompt, ``per_prompt`` seeds each
+    (the evaluation seed range, the same seeds at every step count)."""
+    rows = [p for p in prompts for _ in range(per_prompt)]
+    seeds = [EVAL_SEED_OFFSET + i for i in range(len(rows))]
+    paths = []
+    for k in steps:
+        imgs = generate(rows, seeds, k)
+        scale = max(1, 64 // imgs.shape[-1])
+        paths.append(save_grid(imgs, per_prompt, folder / f"{tag}_{k}step.png", scale=scale))
+    return paths

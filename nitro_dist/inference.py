@@ -1,22 +1,30 @@
-"""Load a trained generator from a checkpoint and make images (1-4 steps, same weights).
+"""The one sampling path: a generator (UNet + text + shifted-LCM sampler + VAE) makes images at
+1-4 steps with the same weights.
 
-The same ``StudentDenoiser`` as training, configured from the checkpoint's ``scheduler/``
-(NitroLCMScheduler config: noise schedule + shift), weights from ``generator/`` (safetensors).
-Used by ``nitro_dist.sample``, ``nitro_dist.eval`` and the Ray Serve app (``nitro_dist.serve``).
+``Generator.from_checkpoint`` loads a trained checkpoint (weights from ``generator/``, the
+sampler from ``scheduler/``: noise schedule + shift; safetensors only); a training run wraps its
+live models in a ``Generator`` for sample grids and evaluation. Used by ``nitro_dist.sample``,
+``nitro_dist.eval``, training (grids, evaluation) and the Ray Serve app. Below it: the fast
+inference wrappers (bf16 without autocast, CUDA graphs, torch.compile).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
+from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
-from nitro_dist import checkpoint as ckpt
+from nitro_dist import checkpoint_layout as ckpt
 from nitro_dist.config import Config, load_config
-from nitro_dist.models.builders import DIGITS_DIR, build_tiny_sdxl, load_text
+from nitro_dist.diffusion import NitroLCMScheduler, StudentDenoiser, seeded_noise
+from nitro_dist.models.builders import build_tiny_sdxl, load_text
 from nitro_dist.models.text import TextConditioner
-from nitro_dist.sampling import NitroLCMScheduler, StudentDenoiser, seeded_noise
+from nitro_dist.tasks import task_of
 
 
 class Generator:
@@ -28,15 +36,24 @@ class Generator:
         vae: AutoencoderKL | None = None,
         device: str | torch.device = "cpu",
         dtype: torch.dtype = torch.float32,
+        *,
+        cast: bool = True,
+        batch_size: int = 256,
     ) -> None:
+        """``cast``: move the models to ``device``/``dtype`` and freeze them (a loaded
+        checkpoint); off, they are used as they are (a training run's live models, left as
+        found). ``batch_size``: images per model call."""
         self.device = torch.device(device)
         self.dtype = dtype
-        # diffusers warns on any .to(dtype=...): pass a dtype only when it changes one
-        cast_to = {} if dtype == torch.float32 else {"dtype": dtype}
-        cast = lambda m: m.to(self.device, **cast_to)
-        self.unet = cast(unet).eval().requires_grad_(False)
-        self.text = text.to(self.device)  # text encoders stay fp32: small, and tokens matter
-        self.vae = cast(vae).eval() if vae is not None else None
+        self.batch_size = batch_size
+        if cast:
+            # diffusers warns on any .to(dtype=...): pass a dtype only when it changes one
+            cast_to = {} if dtype == torch.float32 else {"dtype": dtype}
+            to = lambda m: m.to(self.device, **cast_to)
+            unet = to(unet).eval().requires_grad_(False)
+            text = text.to(self.device)  # text encoders stay fp32: small, and tokens matter
+            vae = to(vae).eval() if vae is not None else None
+        self.unet, self.text, self.vae = unet, text, vae
         c = scheduler.config
         self.denoiser = StudentDenoiser(
             dict(c), shift=c.shift, original_steps=c.original_inference_steps
@@ -63,16 +80,23 @@ class Generator:
         device: str = "cpu",
         use_ema: bool = True,
         dtype: torch.dtype = torch.float32,
+        batch_size: int = 256,
     ) -> Generator:
         path = ckpt.resolve(path)
-        cfg = (
-            load_config(str(path / "config.yaml")) if (path / "config.yaml").exists() else Config()
+        cfg = cls.checkpoint_config(path)
+        unet = UNet2DConditionModel.from_pretrained(
+            ckpt.generator_dir(path, use_ema), use_safetensors=True
         )
-        sub = "generator_ema" if use_ema and (path / "generator_ema").exists() else "generator"
-        unet = UNet2DConditionModel.from_pretrained(path / sub, use_safetensors=True)
-        scheduler = NitroLCMScheduler.from_pretrained(path / "scheduler")
+        scheduler = NitroLCMScheduler.from_pretrained(path / ckpt.SCHEDULER)
         text, vae = _text_and_vae(cfg)
-        return cls(unet, text, scheduler, vae, device, dtype)
+        return cls(unet, text, scheduler, vae, device, dtype, batch_size=batch_size)
+
+    @staticmethod
+    def checkpoint_config(path: str | Path) -> Config:
+        """The resolved config a checkpoint was trained with (defaults when it has none)."""
+        path = ckpt.resolve(path)
+        found = path / "config.yaml"
+        return load_config(str(found)) if found.exists() else Config()
 
     @torch.no_grad()
     def __call__(
@@ -87,6 +111,22 @@ class Generator:
         ``size_hw`` in pixels, multiples of ``size_multiple``; default the native size."""
         if len(prompts) != len(seeds):
             raise ValueError("prompts and seeds must have the same length")
+        was_training = self.unet.training
+        self.unet.eval()
+        try:
+            out = [
+                self._generate(
+                    prompts[s : s + self.batch_size], seeds[s : s + self.batch_size], steps, size_hw
+                )
+                for s in range(0, len(prompts), self.batch_size)
+            ]
+        finally:
+            self.unet.train(was_training)
+        return torch.cat(out) if out else torch.empty(0)
+
+    def _generate(
+        self, prompts: list[str], seeds: list[int], steps: int, size_hw: tuple[int, int] | None
+    ) -> torch.Tensor:
         c = self.sample_shape[0]
         h, w = size_hw or (self.native_size, self.native_size)
         if h % self.size_multiple or w % self.size_multiple:
@@ -114,10 +154,120 @@ def _text_and_vae(cfg: Config) -> tuple[TextConditioner, AutoencoderKL | None]:
     if m.source == "tiny_sdxl":
         tiny = build_tiny_sdxl(cfg.seed, with_vae=m.use_vae)
         return tiny.text, tiny.vae
-    root = DIGITS_DIR if m.source == "digits" else Path(m.teacher_path)
+    root = task_of(cfg).model_dir() if m.source == "task" else Path(m.teacher_path)
+    if root is None:
+        raise ValueError(f"model.source=task: task {cfg.task!r} ships no models")
     unet_cfg = UNet2DConditionModel.load_config(root / "unet")
     text = load_text(root, sdxl=unet_cfg.get("addition_embed_type") == "text_time")
     vae = None
     if m.use_vae:
         vae = AutoencoderKL.from_pretrained(root / "vae", use_safetensors=True).eval()
     return text, vae
+
+
+# ---------------------------------------------------------------------------------------------
+# fast inference calls (generation latency): bf16 without autocast, CUDA graphs, compile
+
+
+class CudaGraphed:
+    """Replays a CUDA graph of ``fn`` (inference only: no autograd, fixed shapes). The first
+    call with a new input signature warms up on a side stream and captures; later calls copy
+    the inputs into the captured buffers and replay. Tensor outputs are cloned (the next replay
+    overwrites the captured ones). Removes the CPU's per-kernel launch cost, which dominates a
+    batch-1 UNet step in eager mode."""
+
+    def __init__(self, fn: Callable[..., Any], warmup: int = 2) -> None:
+        self.fn, self.warmup = fn, warmup
+        self.graphs: dict[tuple, tuple[list[Any], torch.cuda.CUDAGraph, Any]] = {}
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        flat, spec = tree_flatten((args, kwargs))
+        key = (
+            str(spec),
+            tuple((tuple(v.shape), v.dtype, v.device) if torch.is_tensor(v) else v for v in flat),
+        )
+        if key not in self.graphs:
+            self.graphs[key] = self._capture(flat, spec)
+        static, graph, out = self.graphs[key]
+        for dst, src in zip(static, flat, strict=True):
+            if torch.is_tensor(dst):
+                dst.copy_(src)
+        graph.replay()
+        return tree_map(lambda v: v.clone() if torch.is_tensor(v) else v, out)
+
+    @torch.no_grad()
+    def _capture(self, flat: list[Any], spec: Any) -> tuple[list[Any], torch.cuda.CUDAGraph, Any]:
+        static = [v.clone() if torch.is_tensor(v) else v for v in flat]
+        args, kwargs = tree_unflatten(static, spec)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(self.warmup):
+                self.fn(*args, **kwargs)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = self.fn(*args, **kwargs)
+        return static, graph, out
+
+
+def _accelerated(fn: Callable[..., Any], graphs: bool, compile: str | None) -> Callable[..., Any]:
+    """``fn`` compiled (a torch.compile mode) and/or replayed as CUDA graphs."""
+    if compile is not None:
+        fn = torch.compile(fn, mode=compile)
+    return CudaGraphed(fn) if graphs else fn
+
+
+def _cast(dtype: torch.dtype) -> Callable[[Any], Any]:
+    return lambda v: v.to(dtype) if torch.is_tensor(v) and v.is_floating_point() else v
+
+
+class LowPrecisionUNet:
+    """A UNet held in ``dtype`` called without autocast (as diffusers pipelines run): floating
+    inputs are cast to ``dtype`` and the prediction comes back fp32, so the sampler's maths
+    stays fp32. ``graphs``: replay CUDA graphs (``CudaGraphed``); ``compile``: a
+    ``torch.compile`` mode ("default", "reduce-overhead", ...). Same call as the UNet."""
+
+    def __init__(
+        self,
+        unet: torch.nn.Module,
+        dtype: torch.dtype = torch.bfloat16,
+        *,
+        graphs: bool = False,
+        compile: str | None = None,
+    ) -> None:
+        self.dtype = dtype
+
+        def predict(x: torch.Tensor, t: torch.Tensor, **kw: Any) -> torch.Tensor:
+            return unet(x, t, **kw).sample
+
+        self.fn = _accelerated(predict, graphs, compile)
+        self.compiled = compile is not None
+
+    @torch.no_grad()
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, **kw: Any) -> SimpleNamespace:
+        if self.compiled:  # compiled CUDA graphs: a new step may overwrite the last outputs
+            torch.compiler.cudagraph_mark_step_begin()
+        out = self.fn(_cast(self.dtype)(x), t, **tree_map(_cast(self.dtype), kw))
+        return SimpleNamespace(sample=out.float())
+
+
+class LowPrecisionDecoder:
+    """``vae.decode(latents / scaling).sample`` in the VAE's dtype without autocast, optionally
+    CUDA-graphed or compiled like ``LowPrecisionUNet``; returns fp32 pixels in [-1, 1]-ish."""
+
+    def __init__(self, vae: torch.nn.Module, *, graphs: bool = False, compile: str | None = None):
+        self.dtype = next(vae.parameters()).dtype
+        scale = vae.config.scaling_factor
+
+        def decode(z: torch.Tensor) -> torch.Tensor:
+            return vae.decode(z / scale).sample
+
+        self.fn = _accelerated(decode, graphs, compile)
+        self.compiled = compile is not None
+
+    @torch.no_grad()
+    def __call__(self, latents: torch.Tensor) -> torch.Tensor:
+        if self.compiled:
+            torch.compiler.cudagraph_mark_step_begin()
+        return self.fn(latents.to(self.dtype)).float()

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable
+from pathlib import Path
 
 import torch
 
@@ -18,3 +20,75 @@ def adamw(params: Iterable[torch.nn.Parameter], section) -> torch.optim.AdamW:
         weight_decay=section.weight_decay,
         fused=section.fused or None,
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# optimizer state <-> safetensors + json (one format for every G update and the heads)
+
+# param_group keys that choose an implementation, not the maths: a checkpoint does not set them
+IMPLEMENTATION_KEYS = ("params", "fused", "foreach", "capturable", "differentiable")
+STATE_FILE, GROUPS_FILE = "state.safetensors", "param_groups.json"
+
+
+def state_tensors(
+    opt: torch.optim.Optimizer, params: list[torch.nn.Parameter], prefix: str = ""
+) -> dict[str, torch.Tensor]:
+    """State of ``params`` (in that order) as flat tensors: ``{prefix}{i}.{name}``."""
+    out = {}
+    for i, p in enumerate(params):
+        for name, v in opt.state.get(p, {}).items():
+            if torch.is_tensor(v):
+                out[f"{prefix}{i}.{name}"] = v.detach().cpu().contiguous()
+            else:
+                out[f"{prefix}{i}.{name}"] = torch.tensor(v)
+    return out
+
+
+def load_state_tensors(
+    opt: torch.optim.Optimizer,
+    params: list[torch.nn.Parameter],
+    tensors: dict[str, torch.Tensor],
+    prefix: str = "",
+) -> None:
+    # fused (and capturable) AdamW keep the step count next to the parameter, the others on CPU
+    step_on_device = any(g.get("fused") or g.get("capturable") for g in opt.param_groups)
+    for i, p in enumerate(params):
+        state = {}
+        head = f"{prefix}{i}."
+        for key, v in tensors.items():
+            if key.startswith(head):
+                name = key[len(head) :]
+                if name == "step":
+                    state[name] = v.to(p.device if step_on_device else "cpu", torch.float32)
+                else:
+                    state[name] = v.to(p.device)
+        if state:
+            opt.state[p] = state
+        else:
+            opt.state.pop(p, None)
+
+
+def write_state(folder: Path, tensors: dict[str, torch.Tensor], opt: torch.optim.Optimizer) -> None:
+    """``tensors`` (``state_tensors`` or a gathered equivalent) and ``opt``'s hyperparameters."""
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(folder / STATE_FILE))
+    groups = [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
+    (folder / GROUPS_FILE).write_text(json.dumps(groups, default=list))
+
+
+def read_state(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(folder / STATE_FILE))
+
+
+def load_hyperparameters(opt: torch.optim.Optimizer, folder: Path) -> None:
+    """The saved hyperparameters of each group; how AdamW runs (fused, foreach) stays the
+    config's choice."""
+    groups = json.loads((folder / GROUPS_FILE).read_text())
+    for g, saved in zip(opt.param_groups, groups, strict=True):
+        for k, v in saved.items():
+            if k not in IMPLEMENTATION_KEYS:
+                g[k] = tuple(v) if isinstance(g.get(k), tuple) else v

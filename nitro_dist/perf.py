@@ -1,5 +1,4 @@
-"""Performance helpers: FLOP accounting for MFU, a one-process process group, and fast inference
-calls (bf16 without autocast, CUDA-graph replay) for the generation path.
+"""FLOP and MFU accounting for the training iteration (benchmarks).
 
 MFU here is *model* FLOPs per second over the card's dense bf16 peak: FLOPs counted with
 ``torch.utils.flop_counter`` over the iteration's own code run on meta tensors (no device memory:
@@ -9,27 +8,24 @@ checkpointing off. HFU counts the iteration as run, recomputation included.
 
 from __future__ import annotations
 
-import os
-import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from types import SimpleNamespace
 from typing import Any
 
 import torch
 from diffusers import UNet2DConditionModel
-from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 from torch.utils.flop_counter import FlopCounterMode
 
 from nitro_dist import losses
 from nitro_dist import step as S
+from nitro_dist.build import Run
 from nitro_dist.config import Config
+from nitro_dist.diffusion import StudentDenoiser, TeacherSampler
 from nitro_dist.discriminator.backbone import level_shapes
 from nitro_dist.discriminator.pool import make_layout, sample_active
-from nitro_dist.loop import Run, train_step
 from nitro_dist.models.text import Cond
-from nitro_dist.sampling import StudentDenoiser, TeacherSampler
+from nitro_dist.step import train_step
 from nitro_dist.timing import PhaseTimer
 
 # Dense bf16 tensor-core peak (FLOP/s) by device-name fragment, most specific first.
@@ -54,24 +50,6 @@ def now(device: torch.device) -> float:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return time.perf_counter()
-
-
-def init_process_group(device: torch.device) -> None:
-    """A one-rank process group (NCCL on GPU, gloo on CPU) for DeepSpeed outside any launcher."""
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        return
-    if "MASTER_PORT" not in os.environ:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            os.environ["MASTER_PORT"] = str(s.getsockname()[1])
-    env = {"MASTER_ADDR": "127.0.0.1", "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1"}
-    for k, v in env.items():
-        os.environ.setdefault(k, v)
-    if device.type == "cuda":
-        torch.cuda.set_device(device.index or 0)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=0, world_size=1)
 
 
 def count_flops(fn: Callable[[], Any]) -> tuple[int, Any]:
@@ -241,111 +219,3 @@ def measure_training(
     hw = None if flops is None else flops.hardware(b, mean_backsim)
     model = None if flops is None else flops.model(b, mean_backsim)
     return TrainingMeasure(b, seconds, peak, breakdown, hw, model, it, mean_backsim)
-
-
-# ---------------------------------------------------------------------------------------------
-# fast inference calls (generation latency)
-
-
-class CudaGraphed:
-    """Replays a CUDA graph of ``fn`` (inference only: no autograd, fixed shapes). The first
-    call with a new input signature warms up on a side stream and captures; later calls copy
-    the inputs into the captured buffers and replay. Tensor outputs are cloned (the next replay
-    overwrites the captured ones). Removes the CPU's per-kernel launch cost, which dominates a
-    batch-1 UNet step in eager mode."""
-
-    def __init__(self, fn: Callable[..., Any], warmup: int = 2) -> None:
-        self.fn, self.warmup = fn, warmup
-        self.graphs: dict[tuple, tuple[list[Any], torch.cuda.CUDAGraph, Any]] = {}
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        flat, spec = tree_flatten((args, kwargs))
-        key = (
-            str(spec),
-            tuple((tuple(v.shape), v.dtype, v.device) if torch.is_tensor(v) else v for v in flat),
-        )
-        if key not in self.graphs:
-            self.graphs[key] = self._capture(flat, spec)
-        static, graph, out = self.graphs[key]
-        for dst, src in zip(static, flat, strict=True):
-            if torch.is_tensor(dst):
-                dst.copy_(src)
-        graph.replay()
-        return tree_map(lambda v: v.clone() if torch.is_tensor(v) else v, out)
-
-    @torch.no_grad()
-    def _capture(self, flat: list[Any], spec: Any) -> tuple[list[Any], torch.cuda.CUDAGraph, Any]:
-        static = [v.clone() if torch.is_tensor(v) else v for v in flat]
-        args, kwargs = tree_unflatten(static, spec)
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(self.warmup):
-                self.fn(*args, **kwargs)
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            out = self.fn(*args, **kwargs)
-        return static, graph, out
-
-
-def _accelerated(fn: Callable[..., Any], graphs: bool, compile: str | None) -> Callable[..., Any]:
-    """``fn`` compiled (a torch.compile mode) and/or replayed as CUDA graphs."""
-    if compile is not None:
-        fn = torch.compile(fn, mode=compile)
-    return CudaGraphed(fn) if graphs else fn
-
-
-def _cast(dtype: torch.dtype) -> Callable[[Any], Any]:
-    return lambda v: v.to(dtype) if torch.is_tensor(v) and v.is_floating_point() else v
-
-
-class LowPrecisionUNet:
-    """A UNet held in ``dtype`` called without autocast (as diffusers pipelines run): floating
-    inputs are cast to ``dtype`` and the prediction comes back fp32, so the sampler's maths
-    stays fp32. ``graphs``: replay CUDA graphs (``CudaGraphed``); ``compile``: a
-    ``torch.compile`` mode ("default", "reduce-overhead", ...). Same call as the UNet."""
-
-    def __init__(
-        self,
-        unet: torch.nn.Module,
-        dtype: torch.dtype = torch.bfloat16,
-        *,
-        graphs: bool = False,
-        compile: str | None = None,
-    ) -> None:
-        self.dtype = dtype
-
-        def predict(x: torch.Tensor, t: torch.Tensor, **kw: Any) -> torch.Tensor:
-            return unet(x, t, **kw).sample
-
-        self.fn = _accelerated(predict, graphs, compile)
-        self.compiled = compile is not None
-
-    @torch.no_grad()
-    def __call__(self, x: torch.Tensor, t: torch.Tensor, **kw: Any) -> SimpleNamespace:
-        if self.compiled:  # compiled CUDA graphs: a new step may overwrite the last outputs
-            torch.compiler.cudagraph_mark_step_begin()
-        out = self.fn(_cast(self.dtype)(x), t, **tree_map(_cast(self.dtype), kw))
-        return SimpleNamespace(sample=out.float())
-
-
-class LowPrecisionDecoder:
-    """``vae.decode(latents / scaling).sample`` in the VAE's dtype without autocast, optionally
-    CUDA-graphed or compiled like ``LowPrecisionUNet``; returns fp32 pixels in [-1, 1]-ish."""
-
-    def __init__(self, vae: torch.nn.Module, *, graphs: bool = False, compile: str | None = None):
-        self.dtype = next(vae.parameters()).dtype
-        scale = vae.config.scaling_factor
-
-        def decode(z: torch.Tensor) -> torch.Tensor:
-            return vae.decode(z / scale).sample
-
-        self.fn = _accelerated(decode, graphs, compile)
-        self.compiled = compile is not None
-
-    @torch.no_grad()
-    def __call__(self, latents: torch.Tensor) -> torch.Tensor:
-        if self.compiled:
-            torch.compiler.cudagraph_mark_step_begin()
-        return self.fn(latents.to(self.dtype)).float()

@@ -40,9 +40,9 @@ class PairWriter:
     """A Ray Data actor: loads the teacher once, turns prompt shards into pair shards."""
 
     def __init__(self, config: dict[str, Any], out: str, batch_size: int) -> None:
-        from nitro_dist.loop import pick_device
+        from nitro_dist.build import pick_device
+        from nitro_dist.diffusion import TeacherSampler
         from nitro_dist.models.builders import build_models
-        from nitro_dist.sampling import TeacherSampler
 
         cfg = config_from_dict(config)
         self.device = pick_device(cfg.train.device)

@@ -7,7 +7,7 @@ import hashlib
 import os
 from pathlib import Path
 
-from nitro_dist.checkpoint import missing_parts
+from nitro_dist.checkpoint_layout import missing_parts
 from nitro_dist.distributed.ray_train import is_remote
 
 # what inference reads from a checkpoint (the heads and optimizer state stay remote)

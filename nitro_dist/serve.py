@@ -25,7 +25,7 @@ from ray.exceptions import RayActorError
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
-from nitro_dist.serving import SEED_MAX, ImageRequest, Job, Limits, Result, b64, png_strip
+from nitro_dist.image_api import SEED_MAX, ImageRequest, Job, Limits, Result, b64, png_strip
 
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
@@ -62,7 +62,7 @@ APP_ARGS = tuple(AppArgs.model_fields)
 def resolve_checkpoint(spec: str) -> str:
     """The checkpoint folder a replica loads: local paths resolved here (replicas may run in
     another working directory), remote URLs checked and passed on."""
-    from nitro_dist import checkpoint as ckpt
+    from nitro_dist import checkpoint_layout as ckpt
     from nitro_dist.remote import is_remote, remote_checkpoint
 
     if is_remote(spec):
@@ -122,7 +122,7 @@ class GeneratorReplica:
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
     async def generate(self, jobs: list[Job]) -> list[Result]:
-        from nitro_dist.serving import run_jobs
+        from nitro_dist.image_api import run_jobs
 
         # in a thread: the replica keeps answering health checks and queueing while it computes
         return await asyncio.to_thread(run_jobs, self.gen, jobs)

@@ -1,7 +1,8 @@
-"""One NitroFusion iteration as plain functions: draws, G turn, D turn.
+"""One NitroFusion iteration: its phases as plain functions, and ``train_step`` that runs them.
 
-The caller owns optimisation (a local AdamW or a DeepSpeed engine for G; the pool or its
-distributed shard for the heads), so the same functions run on one process and under Ray Train:
+The phases leave optimisation to the caller (G's ``GUpdate``: plain AdamW or a DeepSpeed engine;
+the heads' ``Pool``: local or sharded over ranks), so the same functions run on one process and
+under Ray Train. ``train_step`` is the whole iteration on one rank:
 
     draws = draw_iteration_noise(...)
     g = generator_turn(...)        # heads frozen; backbone with grad into x0_fake
@@ -13,17 +14,23 @@ distributed shard for the heads), so the same functions run on one process and u
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from nitro_dist import losses, rng
+from nitro_dist.data.pairs import global_batch_indices, rank_slice, teacher_x0
+from nitro_dist.diffusion import StudentDenoiser, add_noise, seeded_noise
 from nitro_dist.discriminator.backbone import backbone_features
 from nitro_dist.discriminator.heads import Head, crop, head_scores
-from nitro_dist.discriminator.pool import Draw, PoolLayout
+from nitro_dist.discriminator.pool import Draw, PoolLayout, refresh_ids, sample_active
 from nitro_dist.models.text import Cond
-from nitro_dist.sampling import StudentDenoiser, add_noise
 from nitro_dist.timing import NO_TIMER, Timer
+
+if TYPE_CHECKING:
+    from nitro_dist.build import Run
 
 
 @dataclass
@@ -253,3 +260,183 @@ def discriminator_turn(
         fake = judge(heads, layout, *feats_fake, noise.crops)
         acc_r, acc_f = losses.d_accuracy(real, fake)
         return DTurn(losses.d_loss(real, fake, loss_type), acc_r, acc_f)
+
+
+# ---------------------------------------------------------------------------------------------
+# the iteration
+
+
+def make_batch(
+    run: Run, iteration: int, rank: int = 0, world_size: int = 1, timer: Timer = NO_TIMER
+) -> Batch:
+    cfg = run.cfg
+    x0 = None
+    if run.loader is not None:
+        samples = run.loader.next_batch(cfg.train.batch_size // world_size)
+        audit(run, iteration, samples)
+        prompts = [s.prompt for s in samples]
+        seeds = torch.tensor([s.noise_seed for s in samples], dtype=torch.long)
+        if cfg.teacher.mode == "offline":
+            missing = [s.key for s in samples if s.teacher is None]
+            if missing:
+                from nitro_dist.data.shards import DataError  # webdataset: only with shards
+
+                raise DataError(
+                    f"teacher.mode=offline but sample {missing[0]} has no teacher.npy: make pair "
+                    "shards with python -m nitro_dist.prepare, or set teacher.mode=online"
+                )
+            x0 = torch.stack([s.teacher for s in samples]).to(run.device, torch.float32)
+    else:
+        idx = global_batch_indices(cfg.seed, iteration, len(run.train_set), cfg.train.batch_size)
+        idx = rank_slice(idx, rank, world_size)
+        prompts = [run.train_set.prompts[i] for i in idx]
+        seeds = run.train_set.seeds[idx]
+        if run.x0_offline is not None:
+            x0 = run.x0_offline[idx].to(run.device)
+    x_T = seeded_noise(seeds.tolist(), run.models.sample_shape).to(run.device)
+    if x0 is None:
+        with timer("teacher"):
+            x0 = teacher_x0(
+                run.models.teacher,
+                run.models.text,
+                run.teacher_sampler,
+                prompts,
+                seeds,
+                run.models.sample_shape,
+                run.device,
+            )
+    return Batch(x_T, x0, run.conds(prompts), run.conds([""] * len(prompts)))
+
+
+def audit(run: Run, iteration: int, samples: list) -> None:
+    """data.audit_dir: which samples each rank trained on (checks for duplicates/loss)."""
+    if not run.cfg.data.audit_dir:
+        return
+    folder = Path(run.cfg.data.audit_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    epoch = run.loader.cursor.epoch
+    with (folder / f"rank_{run.rank}.txt").open("a") as f:
+        f.writelines(f"{epoch} {iteration} {s.key}\n" for s in samples)
+
+
+def autocast(run: Run):
+    bf16 = run.cfg.train.precision == "bf16"
+    return torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=bf16)
+
+
+def train_step(run: Run, iteration: int, timer: Timer = NO_TIMER) -> dict[str, float]:
+    """One iteration on this rank: G turn, G update, D turn, head update, refresh.
+
+    ``timer`` names the phases (``timing.PhaseTimer`` measures them; the default does nothing)."""
+    with autocast(run):
+        return _train_step(run, iteration, timer)
+
+
+def _train_step(run: Run, iteration: int, timer: Timer) -> dict[str, float]:
+    cfg, pool, rank = run.cfg, run.pool, run.rank
+    draw = sample_active(
+        run.layout, cfg.seed, iteration, cfg.pool.heads_per_slot, cfg.pool.t_jitter
+    )
+    with timer("pool_gather"):
+        pending = pool.start_gather(draw.head_ids)  # the transfer overlaps making the batch
+    with timer("data"):
+        batch = make_batch(run, iteration, rank, run.world_size, timer)
+        b = batch.x_T.shape[0]
+        noise = draw_iteration_noise(
+            cfg.seed,
+            iteration,
+            list(range(rank * b, (rank + 1) * b)),
+            tuple(batch.x_T.shape[1:]),
+            enabled_steps(cfg.refinement.enable_at, iteration),
+            draw,
+            run.layout,
+            run.device,
+        )
+    micro = micro_slices(b, cfg.train.grad_accum)
+    with timer("pool_gather"):
+        heads = pending.wait()
+    # G turn: heads frozen, gradients flow through the frozen backbone into x0_fake.
+    for h in heads.values():
+        h.requires_grad_(False)
+    g_loss, feats_fake = 0.0, []
+    for sl in micro:
+        g = generator_turn(
+            run.g.module,
+            run.models.teacher,
+            run.denoiser,
+            heads,
+            run.layout,
+            batch.slice(sl),
+            noise.slice(sl),
+            draw,
+            loss_type=cfg.loss.type,
+            activation_checkpointing=cfg.model.gradient_checkpointing,
+            timer=timer,
+        )
+        with timer("g_backward"):
+            run.g.backward(cfg.loss.g_weight * g.loss)
+            g_loss += g.loss.item() / len(micro)
+        feats_fake.append(g.feats_fake)
+    with timer("g_optimizer"):
+        gnorm = run.g.step()
+        if run.ema is not None:
+            with torch.no_grad(), run.g.full_params() as params:
+                for pe, p in zip(run.ema.parameters(), params, strict=True):
+                    pe.lerp_(p.to(pe.dtype), 1 - cfg.optim.ema_decay)
+    # D turn: backbone under no_grad (features reused from the G turn for fakes).
+    for h in heads.values():
+        h.requires_grad_(True)
+    feats_real = [
+        real_features(
+            run.models.teacher,
+            run.denoiser,
+            heads,
+            run.layout,
+            batch.slice(sl),
+            noise.slice(sl),
+            draw,
+            timer=timer,
+        )
+        for sl in micro
+    ]
+    for i in range(cfg.optim.d_steps_per_g_step):
+        if i > 0:  # owners stepped: replicas of other ranks' heads must be fetched again
+            with timer("pool_gather"):
+                heads = pool.gather_active(draw.head_ids)
+            for h in heads.values():
+                h.requires_grad_(True)
+        d_loss = acc_real = acc_fake = 0.0
+        for j, (sl, fr, ff) in enumerate(zip(micro, feats_real, feats_fake, strict=True)):
+            d = discriminator_turn(
+                heads, run.layout, fr, ff, noise.slice(sl), loss_type=cfg.loss.type, timer=timer
+            )
+            if j == len(micro) - 1:  # gradients leave in buckets as this backward makes them
+                pool.watch_grads(heads)
+            with timer("d_backward"):
+                (d.loss / len(micro)).backward()
+                d_loss += d.loss.item() / len(micro)
+            acc_real += d.acc_real / len(micro)
+            acc_fake += d.acc_fake / len(micro)
+        pool.reduce_and_step(heads, timer)
+    with timer("refresh"):
+        refreshed = pool.refresh(
+            refresh_ids(run.layout, cfg.seed, iteration, cfg.pool.refresh_rate), iteration
+        )
+    return {
+        "g_loss": g_loss,
+        "d_loss": d_loss,
+        "d_acc_real": acc_real,
+        "d_acc_fake": acc_fake,
+        "g_grad_norm": gnorm,
+        "t_star": draw.t_star,
+        "active_heads": len(draw.head_ids),
+        "refreshed_heads": len(refreshed),
+        "mean_k": noise.k_B.float().mean().item(),
+    }
+
+
+def micro_slices(batch: int, n: int) -> list[slice]:
+    """``n`` equal micro-batches (config validation guarantees divisibility)."""
+    assert batch % n == 0, (batch, n)
+    m = batch // n
+    return [slice(i * m, (i + 1) * m) for i in range(n)]

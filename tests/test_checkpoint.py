@@ -7,7 +7,7 @@ from diffusers import UNet2DConditionModel
 from PIL import Image
 from safetensors.torch import load_file
 
-from nitro_dist import checkpoint
+from nitro_dist import checkpoint_layout as checkpoint
 from nitro_dist.loop import train
 
 

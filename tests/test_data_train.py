@@ -12,10 +12,10 @@ from nitro_dist.config import load_config
 from nitro_dist.data.pairs import teacher_x0
 from nitro_dist.data.shards import BadData, list_shards, read_shard, write_manifest
 from nitro_dist.data.write_shards import digits_prompts, write_prompt_shards
+from nitro_dist.diffusion import TeacherSampler
 from nitro_dist.distributed.ray_train import launch
 from nitro_dist.models.builders import build_models
 from nitro_dist.prepare import prepare
-from nitro_dist.sampling import TeacherSampler
 from nitro_dist.train import main
 
 PROMPTS, PAIRS = "s3://nitro-test/digits-prompts", "s3://nitro-test/digits-pairs"

@@ -3,13 +3,14 @@ own 1-step sample quality (FID-digits on the shipped metric net), with a real ma
 
 import torch
 
+from nitro_dist.build import build_run
 from nitro_dist.config import load_config
 from nitro_dist.data.pairs import teacher_x0
+from nitro_dist.diffusion import TeacherSampler
 from nitro_dist.digits.data import PROMPTS
 from nitro_dist.digits.metric import DigitsEvaluator
-from nitro_dist.evaluation import EVAL_SEED_OFFSET, generate
-from nitro_dist.loop import build_run, train_step
-from nitro_dist.sampling import TeacherSampler
+from nitro_dist.step import train_step
+from nitro_dist.tasks import EVAL_SEED_OFFSET
 
 
 def test_short_distillation_beats_teacher_at_one_step():
@@ -41,13 +42,13 @@ def test_short_distillation_beats_teacher_at_one_step():
         m.teacher, m.text, one_step, prompts, torch.tensor(seeds), m.sample_shape, run.device
     ).clamp(-1, 1)
     fid_teacher_1 = ev.fid(baseline)
-    fid_start = ev.fid(generate(run, run.ema, prompts, seeds, 1))
+    fid_start = ev.fid(run.generator(run.ema)(prompts, seeds, 1))
     for it in range(200):
         train_step(run, it)
-    fid_end = ev.fid(generate(run, run.ema, prompts, seeds, 1))
+    fid_end = ev.fid(run.generator(run.ema)(prompts, seeds, 1))
     print(
         f"FID-digits: teacher 1 step {fid_teacher_1:.1f}, student {fid_start:.1f} -> {fid_end:.1f}"
     )
     assert fid_end < 0.75 * fid_teacher_1
     assert fid_end < 0.75 * fid_start
-    assert ev.alignment(generate(run, run.ema, prompts, seeds, 1), labels) > 0.9
+    assert ev.alignment(run.generator(run.ema)(prompts, seeds, 1), labels) > 0.9

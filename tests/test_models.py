@@ -3,11 +3,11 @@
 import torch
 from diffusers import DDPMScheduler
 
-from nitro_dist.evaluation import generate
-from nitro_dist.loop import build_run, train_step
+from nitro_dist.build import build_run
 from nitro_dist.models import tiny
 from nitro_dist.models.builders import build_tiny_sdxl, load_diffusers_folder
 from nitro_dist.models.tokenizer import clip_tokenizer
+from nitro_dist.step import train_step
 
 
 def write_sdxl_folder(root):
@@ -42,7 +42,7 @@ def test_train_and_generate_from_a_diffusers_folder_with_vae(tmp_path, tiny_cfg)
     )
     run = build_run(cfg, progress=False)
     train_step(run, 0)
-    images = generate(run, run.models.student, ["a red cube"], [0], 2)
+    images = run.generator(run.models.student)(["a red cube"], [0], 2)
     assert images.shape == (1, 3, 32, 32)  # decoded by the VAE (factor 2 on 16x16 latents)
     assert images.abs().max() <= 1
 

@@ -8,11 +8,11 @@ import pytest
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from nitro_dist import checkpoint as ckpt
-from nitro_dist import perf
+from nitro_dist import inference, perf
+from nitro_dist.build import build_run
 from nitro_dist.config import load_config
 from nitro_dist.digits.data import PROMPTS
-from nitro_dist.loop import build_run, train_step
+from nitro_dist.step import train_step
 from nitro_dist.timing import PhaseTimer
 
 PERF_KEYS = ("optim.fused", "pool.fused", "train.channels_last")
@@ -156,17 +156,16 @@ def test_low_precision_unet_matches_autocast(tiny_models):
     t = torch.tensor([249])
     with torch.autocast("cpu", dtype=torch.bfloat16):
         ref = unet(x, t, **cond.unet_kwargs()).sample.float()
-    out = perf.LowPrecisionUNet(unet)(x, t, **cond.unet_kwargs()).sample
+    out = inference.LowPrecisionUNet(unet)(x, t, **cond.unet_kwargs()).sample
     assert out.dtype == torch.float32
     assert float((out - ref).norm() / ref.norm()) < 3e-2
 
 
 def test_optimizer_checkpoint_ignores_implementation_keys(tiny_cfg, tmp_path):
     run = build_run(tiny_cfg(), progress=False)
-    params = list(run.models.student.parameters())
-    ckpt.save_optimizer(run.g.optimizer, params, tmp_path)
+    run.g.save(tmp_path, write=True)
     run.g.optimizer.param_groups[0]["fused"] = True
-    ckpt.load_optimizer(run.g.optimizer, params, tmp_path)
+    run.g.load(tmp_path)
     assert run.g.optimizer.param_groups[0]["fused"] is True
 
 
@@ -186,12 +185,12 @@ def test_attention_runs_through_sdpa(tiny_models):
 
 BF16_DEEPSPEED = """
 import torch
-from nitro_dist import perf
 from nitro_dist.config import load_config
-from nitro_dist.distributed.parallel import parallelize
-from nitro_dist.loop import build_run, train_step
+from nitro_dist.distributed.parallel import init_process_group, parallelize
+from nitro_dist.build import build_run
+from nitro_dist.step import train_step
 
-perf.init_process_group(torch.device("cpu"))
+init_process_group(torch.device("cpu"))
 base = ["train.precision=bf16", "distributed.zero_stage=2", "logging.wandb=false"]
 for name, extra in (("eager", []), ("compiled", ["train.compile=true",
                                                   "train.compile_backend=eager"])):

@@ -4,8 +4,8 @@ gives what the project's own sampler gives (the three lines in the README)."""
 import torch
 from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
 
+from nitro_dist.diffusion import NitroLCMScheduler, StudentDenoiser
 from nitro_dist.models.builders import build_tiny_sdxl
-from nitro_dist.sampling import NitroLCMScheduler, StudentDenoiser
 
 
 def test_stock_sdxl_pipeline_matches_student_sampler(tmp_path):

@@ -3,7 +3,6 @@ give the same generator and the same pool, with the collectives overlapped (buck
 all-reduce started from backward hooks) and blocking; each of 2 ranks holds about half the pool."""
 
 import os
-import socket
 
 import pytest
 import torch
@@ -11,10 +10,13 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from safetensors.torch import load_file, save_file
 
+from nitro_dist.build import build_run
 from nitro_dist.config import load_config
 from nitro_dist.discriminator.pool import sample_active
+from nitro_dist.distributed.g_update import TorchUpdate
+from nitro_dist.distributed.parallel import free_port
 from nitro_dist.distributed.pool_sync import ShardedPool
-from nitro_dist.loop import build_run, train_step
+from nitro_dist.step import train_step
 
 OVERRIDES = ["train.batch_size=4", "pool.refresh_rate=0.2", "pool.candidates=2"]
 ITERS = 3
@@ -23,21 +25,6 @@ VARIANTS = {
     "overlap": ["pool.overlap_comm=true", "pool.bucket_mb=0.002", "train.grad_accum=2"],
     "blocking": ["pool.overlap_comm=false"],
 }
-
-
-def average_grads(model: torch.nn.Module) -> None:
-    world = dist.get_world_size() if dist.is_initialized() else 1
-    if world == 1:
-        return
-    grads = [p.grad.flatten() for p in model.parameters() if p.grad is not None]
-    flat = torch.cat(grads)
-    dist.all_reduce(flat)
-    flat /= world
-    off = 0
-    for p in model.parameters():
-        if p.grad is not None:
-            p.grad.copy_(flat[off : off + p.numel()].view_as(p.grad))
-            off += p.numel()
 
 
 def run_rank(rank: int, world: int, out: str, variant: str = "") -> dict:
@@ -51,8 +38,8 @@ def run_rank(rank: int, world: int, out: str, variant: str = "") -> dict:
 
 def _run_rank(rank: int, world: int, out: str, variant: str) -> dict:
     cfg = load_config("tiny", OVERRIDES + VARIANTS.get(variant, []))
-    run = build_run(cfg, rank=rank, owned_heads=[], progress=False)
-    run.rank, run.world_size, run.g.grad_sync = rank, world, average_grads
+    run = build_run(cfg, rank=rank, world_size=world, owned_heads=[], progress=False)
+    run.g = TorchUpdate(run.models.student, cfg, world_size=world)  # G's plain-torch update
     run.pool = ShardedPool(run.layout, cfg.pool, cfg.seed, rank, world)
     early = 0
     for it in range(ITERS):
@@ -84,12 +71,6 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
             torch.save(info, os.path.join(out, f"info_w{world}{variant}_r{rank}.pt"))
     finally:
         dist.destroy_process_group()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from nitro_dist.checkpoint import latest
+from nitro_dist.checkpoint_layout import latest
 from nitro_dist.config import load_config
 from nitro_dist.distributed.ray_train import launch
 from nitro_dist.train import main

@@ -8,7 +8,6 @@ import base64
 import io
 import json
 import shutil
-import socket
 import time
 import urllib.error
 import urllib.request
@@ -23,16 +22,11 @@ from PIL import Image
 
 from nitro_dist.digits.data import PROMPTS
 from nitro_dist.digits.metric import DigitsEvaluator
+from nitro_dist.distributed.parallel import free_port
+from nitro_dist.image_api import Job, encode_png, run_jobs
 from nitro_dist.inference import Generator
-from nitro_dist.serving import Job, encode_png, run_jobs
 
 serve = pytest.importorskip("ray.serve")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +42,7 @@ def base_url(run_dir, s3_endpoint):  # S3 first: Ray's processes inherit its AWS
     from nitro_dist.serve import app
 
     s3fs.S3FileSystem().put(str(run_dir / "checkpoints"), "nitro-test/served", recursive=True)
-    port = _free_port()
+    port = free_port()
     ray.init(num_cpus=4, include_dashboard=False)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from nitro_dist.data.loader import ShardLoader, shard_assignment
+from nitro_dist.data.prompts import read_prompts
 from nitro_dist.data.shards import (
     BadData,
     DataError,
@@ -20,7 +21,7 @@ from nitro_dist.data.shards import (
     write_manifest,
     write_shard,
 )
-from nitro_dist.data.write_shards import digits_prompts, main, read_prompts, write_prompt_shards
+from nitro_dist.data.write_shards import digits_prompts, main, write_prompt_shards
 
 
 @pytest.fixture(scope="module")
@@ -180,7 +181,8 @@ def test_s3_urls_through_fsspec_and_webdataset(s3_endpoint):
 
 def test_online_teacher_trains_from_prompt_shards(tiny_cfg, digits_shards):
     """teacher.mode=online: prompts and seeds from the shards, the teacher runs in the step."""
-    from nitro_dist.loop import build_run, train_step
+    from nitro_dist.build import build_run
+    from nitro_dist.step import train_step
 
     cfg = tiny_cfg("data.source=shards", f"data.shards={digits_shards}", "data.num_workers=0")
     run = build_run(cfg, progress=False)

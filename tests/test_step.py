@@ -1,8 +1,8 @@
 import torch
 
+from nitro_dist.build import build_run
 from nitro_dist.discriminator.backbone import backbone_features, level_shapes
-from nitro_dist.loop import build_run, train_step
-from nitro_dist.step import enabled_steps
+from nitro_dist.step import enabled_steps, train_step
 
 
 def test_sdxl_conditioning_path_on_tiny_sdxl_unet(tiny_models):

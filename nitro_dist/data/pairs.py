@@ -19,8 +19,8 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from nitro_dist import rng
+from nitro_dist.diffusion import TeacherSampler, seeded_noise
 from nitro_dist.models.text import TextConditioner
-from nitro_dist.sampling import TeacherSampler, seeded_noise
 
 
 @dataclass

@@ -14,14 +14,12 @@ it. S3 endpoint and credentials come from the usual AWS_* environment variables.
 from __future__ import annotations
 
 import argparse
-import csv
-import json
 import sys
 from collections.abc import Iterator
-from pathlib import Path
 
 from tqdm import tqdm
 
+from nitro_dist.data.prompts import read_prompts
 from nitro_dist.data.shards import (
     DataError,
     encode,
@@ -34,47 +32,11 @@ from nitro_dist.data.shards import (
 SEED_BASE = 1_000_000  # the training seed range (evaluation seeds start at 10,000,000)
 
 
-def read_prompts(path: str, column: str) -> list[str]:
-    p = Path(path)
-    if not p.exists():
-        raise ValueError(f"--prompts {path}: no such file")
-    suffix = p.suffix.lower()
-    if suffix == ".txt":
-        rows = [line.strip() for line in p.read_text(encoding="utf-8").splitlines()]
-    elif suffix == ".jsonl":
-        rows = []
-        for i, line in enumerate(p.read_text(encoding="utf-8").splitlines()):
-            if not line.strip():
-                continue
-            try:
-                rows.append(str(json.loads(line)[column]))
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise ValueError(f"--prompts {path} line {i + 1}: no field {column!r} ({e})") from e
-    elif suffix == ".csv":
-        with p.open(newline="", encoding="utf-8") as f:
-            reader = csv.DictReader(f)
-            if column not in (reader.fieldnames or []):
-                raise ValueError(f"--prompts {path}: no column {column!r} ({reader.fieldnames})")
-            rows = [r[column] for r in reader]
-    elif suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        table = pq.read_table(p)
-        if column not in table.column_names:
-            raise ValueError(f"--prompts {path}: no column {column!r} ({table.column_names})")
-        rows = [str(x) for x in table.column(column).to_pylist()]
-    else:
-        raise ValueError(f"--prompts {path}: use .txt, .jsonl, .csv or .parquet")
-    prompts = [r.strip() for r in rows if r and r.strip()]
-    if not prompts:
-        raise ValueError(f"--prompts {path}: no prompts in it")
-    return prompts
-
-
 def digits_prompts(n: int) -> list[str]:
-    from nitro_dist.digits.data import PROMPTS
+    """``n`` training prompts of the built-in digits task."""
+    from nitro_dist.tasks import load_task
 
-    return [PROMPTS[i % len(PROMPTS)] for i in range(n)]
+    return load_task("digits").train_prompts(n)
 
 
 def write_prompt_shards(

@@ -20,8 +20,9 @@ from tqdm import tqdm
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from nitro_dist.digits.data import PROMPTS, digits_dataset
+from nitro_dist.digits.task import WEIGHTS_DIR
 from nitro_dist.models import tiny
-from nitro_dist.models.builders import DIGITS_DIR, freeze
+from nitro_dist.models.builders import freeze
 from nitro_dist.models.text import TextConditioner
 from nitro_dist.models.tokenizer import clip_tokenizer
 
@@ -102,7 +103,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", type=Path, default=DIGITS_DIR, help="output diffusers folder")
+    ap.add_argument("--out", type=Path, default=WEIGHTS_DIR, help="output diffusers folder")
     args = ap.parse_args(argv)
     info = train_teacher(
         args.out, iterations=args.iterations, batch_size=args.batch_size, lr=args.lr, seed=args.seed

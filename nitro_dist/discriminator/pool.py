@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -166,6 +166,34 @@ class PendingHeads:
                 self._work.wait()
             self._heads = self._finish()
         return self._heads
+
+
+class Pool(Protocol):
+    """What the iteration asks of the head pool: ``HeadPool`` on one process, and
+    ``distributed.pool_sync.ShardedPool`` (heads sharded over ranks) with the same maths."""
+
+    @property
+    def local(self) -> HeadPool:
+        """The heads this process owns (their weights and AdamW state: checkpoints)."""
+        ...
+
+    def start_gather(self, head_ids: tuple[int, ...] | list[int]) -> PendingHeads:
+        """Replicas of the active heads, on their way (overlaps the compute until ``wait``)."""
+        ...
+
+    def gather_active(self, head_ids: tuple[int, ...] | list[int]) -> dict[int, Head]: ...
+
+    def watch_grads(self, heads: dict[int, Head]) -> None:
+        """Send the heads' gradients as the D backward makes them (no-op on one process)."""
+        ...
+
+    def reduce_and_step(self, heads: dict[int, Head], timer: Timer = NO_TIMER) -> None:
+        """Average the active heads' gradients over ranks; owners step AdamW."""
+        ...
+
+    def refresh(self, head_ids: list[int], iteration: int) -> list[int]:
+        """Re-initialise the owned heads among ``head_ids``; returns those done here."""
+        ...
 
 
 class HeadPool(torch.nn.Module):

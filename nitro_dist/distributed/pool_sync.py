@@ -23,6 +23,7 @@ from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
+from torch.nn.utils import parameters_to_vector, vector_to_parameters
 
 from nitro_dist.discriminator.heads import Head
 from nitro_dist.discriminator.pool import HeadPool, PendingHeads, PoolLayout
@@ -65,7 +66,7 @@ class ShardedPool:
         off = 0
         for h, n in zip(ids, sizes, strict=True):
             if self.owner[h] == self.rank:
-                buf[off : off + n] = _flat_params(self.local.head(h))
+                buf[off : off + n] = parameters_to_vector(self.local.head(h).parameters()).detach()
             off += n
         work = self._all_reduce(buf, async_op=self.overlap)
         self.bytes_moved = buf.numel() * buf.element_size()
@@ -81,7 +82,8 @@ class ShardedPool:
                 heads[h] = self.local.head(h)
             else:
                 heads[h] = self._replica(h)
-                _load_flat(heads[h], buf[off : off + n])
+                # the replica's parameters become views of the received buffer (no copy)
+                vector_to_parameters(buf[off : off + n], heads[h].parameters())
             off += n
         return heads
 
@@ -208,15 +210,3 @@ class _Bucket:
             n = p.numel()
             p.grad = self.buf[off : off + n].view_as(p).clone() if owned else None
             off += n
-
-
-def _flat_params(head: Head) -> torch.Tensor:
-    return torch.cat([p.detach().flatten() for p in head.parameters()])
-
-
-@torch.no_grad()
-def _load_flat(head: Head, flat: torch.Tensor) -> None:
-    off = 0
-    for p in head.parameters():
-        p.copy_(flat[off : off + p.numel()].view_as(p))
-        off += p.numel()

@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 
 from nitro_dist import checkpoint as ckpt
+from nitro_dist import checkpoint_layout as layout
 from nitro_dist.config import Config, config_from_dict, to_dict
 
 FAIL_ENV = "NITRO_FAIL_AT"  # "iteration[:rank]": inject a worker fault (tests, recovery drills)
@@ -137,7 +138,7 @@ def make_trainer(cfg: Config, resume: str | None = None, callbacks: list | None 
     if d.use_gpu:
         resources["GPU"] = d.gpus_per_worker
     if resume and not is_remote(resume):
-        resume = str(ckpt.resolve(resume))
+        resume = str(layout.resolve(resume))
     trainer = TorchTrainer(
         worker_loop,
         train_loop_config={"config": to_dict(cfg), "storage": storage, "resume": resume},
@@ -272,14 +273,14 @@ class RaySession:
 
         it = run.state["iteration"]
         folder = Path(tempfile.mkdtemp(prefix=f"nitro-ckpt-r{self.rank}-"))
-        ckpt.write_run_checkpoint(run, folder)
+        ckpt.write_checkpoint(run.checkpoint_parts(), folder)
         ray.train.report(
             _scalars(metrics),
             checkpoint=ray.train.Checkpoint.from_directory(str(folder)),
-            checkpoint_dir_name=ckpt.checkpoint_name(it),
+            checkpoint_dir_name=layout.checkpoint_name(it),
         )
         shutil.rmtree(folder, ignore_errors=True)
-        return f"{self.remote_dir}/{ckpt.checkpoint_name(it)}"
+        return f"{self.remote_dir}/{layout.checkpoint_name(it)}"
 
     def report(self, metrics: dict[str, Any]) -> None:
         import ray.train
@@ -290,7 +291,7 @@ class RaySession:
         import ray.train
 
         found = ray.train.get_checkpoint()
-        return found is not None and Path(found.path).name == ckpt.checkpoint_name(iteration)
+        return found is not None and Path(found.path).name == layout.checkpoint_name(iteration)
 
     def sync(self) -> None:
         """Upload rank 0's run files (metrics, samples) when the run lives in remote storage."""

@@ -21,8 +21,6 @@ from nitro_dist.models import tiny
 from nitro_dist.models.text import TextConditioner
 from nitro_dist.models.tokenizer import clip_tokenizer
 
-DIGITS_DIR = Path(__file__).resolve().parent.parent / "digits" / "weights"
-
 
 @dataclass
 class Models:
@@ -149,17 +147,15 @@ def build_tiny_sdxl(seed: int = 0, *, with_vae: bool = False) -> Models:
     return build_sdxl_from_configs(tiny.TINY_SDXL_UNET, tiny.TINY_SDXL_TEXT_ENCODERS, vae, seed)
 
 
-def build_models(model_cfg: Any, seed: int = 0) -> Models:
-    """Entry point: ``model_cfg`` is a ``config.ModelConfig``."""
+def build_models(model_cfg: Any, seed: int = 0, task_dir: Path | None = None) -> Models:
+    """Entry point: ``model_cfg`` is a ``config.ModelConfig``; ``task_dir`` the task's own
+    diffusers folder (``Task.model_dir()``), read when ``model_cfg.source`` is ``task``."""
     if model_cfg.source == "tiny_sdxl":
         models = build_tiny_sdxl(seed, with_vae=model_cfg.use_vae)
-    elif model_cfg.source == "digits":
-        if not (DIGITS_DIR / "unet" / "config.json").exists():
-            raise ValueError(
-                f"the digits teacher weights are missing from {DIGITS_DIR}; "
-                "train them with `python -m nitro_dist.digits.teacher`"
-            )
-        models = load_diffusers_folder(DIGITS_DIR, model_cfg.student_path)
+    elif model_cfg.source == "task":
+        if task_dir is None:
+            raise ValueError("model.source=task: this task ships no models; use diffusers")
+        models = load_diffusers_folder(task_dir, model_cfg.student_path, use_vae=model_cfg.use_vae)
     else:
         models = load_diffusers_folder(
             model_cfg.teacher_path, model_cfg.student_path, use_vae=model_cfg.use_vae

@@ -1,33 +1,122 @@
-"""The generator under DeepSpeed ZeRO (stage 0-3), applied from outside the model.
+"""G's update rules side by side: one small interface, two implementations.
 
-``DeepSpeedUpdate`` has the interface of ``loop.TorchUpdate`` (what the G turn calls, backward,
-step, full weights, optimizer state), so the iteration reads the same with or without DeepSpeed.
+``TorchUpdate`` is plain torch AdamW on one process (gradients averaged over the process group
+when there is more than one rank); ``DeepSpeedUpdate`` is G inside a DeepSpeed ZeRO engine (stage
+0-3), applied from outside the model. The iteration calls only ``GUpdate``'s methods, so it reads
+the same with or without DeepSpeed. deepspeed is imported only when a ``DeepSpeedUpdate`` is made.
 
 Checkpoints hold G's optimizer state *consolidated*: one fp32 tensor per parameter and state key,
-in parameter order, as safetensors (no pickle; the same format the single-process path writes).
-That makes the state independent of the ZeRO stage and of the number of ranks, which is what
-elastic resume needs; DeepSpeed's own ``save_checkpoint`` would pickle partitioned state.
+in parameter order, as safetensors (``optim.write_state``; no pickle). That makes the state
+independent of the ZeRO stage and of the number of ranks, which is what elastic resume needs;
+DeepSpeed's own ``save_checkpoint`` would pickle partitioned state.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
-import deepspeed
 import torch
-from deepspeed.utils import (
-    safe_get_full_fp32_param,
-    safe_get_full_optimizer_state,
-    safe_set_full_optimizer_state,
-)
 
-from nitro_dist import checkpoint as ckpt
-from nitro_dist.config import Config
-from nitro_dist.optim import adamw
+from nitro_dist import optim
+
+if TYPE_CHECKING:
+    from nitro_dist.config import Config
+
+
+class GUpdate(Protocol):
+    """What the iteration, evaluation and checkpoints need of G's update rule."""
+
+    @property
+    def module(self) -> torch.nn.Module:
+        """What the G turn calls (the UNet, or the engine that forwards to it)."""
+        ...
+
+    def backward(self, loss: torch.Tensor) -> None: ...
+
+    def step(self) -> float:
+        """Optimizer step after ``train.grad_accum`` backwards; returns the gradient norm."""
+        ...
+
+    def full_params(self) -> contextlib.AbstractContextManager[list[torch.nn.Parameter]]:
+        """G's parameters with their full values (collective under ZeRO-3)."""
+        ...
+
+    def full_module(self) -> torch.nn.Module:
+        """G with full fp32 weights (collective under ZeRO-3)."""
+        ...
+
+    def save(self, folder: Path, write: bool) -> None:
+        """Consolidated optimizer state (every rank calls; ``write`` on one)."""
+        ...
+
+    def load(self, folder: Path) -> None: ...
+
+    def engine_state(self) -> dict[str, Any]: ...
+
+    def load_engine_state(self, state: dict[str, Any]) -> None: ...
+
+
+class TorchUpdate:
+    """G's update in plain torch: AdamW, clipping, and on W > 1 ranks (a process group) the
+    gradients averaged over ranks before the step."""
+
+    def __init__(self, student: torch.nn.Module, cfg: Config, world_size: int = 1) -> None:
+        o = cfg.optim
+        self.student, self.grad_clip, self.accum = student, o.grad_clip, cfg.train.grad_accum
+        self.optimizer = optim.adamw(student.parameters(), o)
+        self.world_size = world_size
+
+    @property
+    def module(self) -> torch.nn.Module:
+        return self.student
+
+    def backward(self, loss: torch.Tensor) -> None:
+        (loss / self.accum).backward()
+
+    def step(self) -> float:
+        if self.world_size > 1:
+            self._average_grads()
+        norm = torch.nn.utils.clip_grad_norm_(self.student.parameters(), self.grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(norm)
+
+    def _average_grads(self) -> None:
+        """One flat all-reduce of every gradient, divided by the number of ranks."""
+        import torch.distributed as dist
+
+        grads = [p.grad for p in self.student.parameters() if p.grad is not None]
+        flat = torch.cat([g.flatten() for g in grads])
+        dist.all_reduce(flat)
+        flat /= self.world_size
+        torch.nn.utils.vector_to_parameters(flat, grads)
+
+    @contextlib.contextmanager
+    def full_params(self) -> Iterator[list[torch.nn.Parameter]]:
+        yield list(self.student.parameters())
+
+    def full_module(self) -> torch.nn.Module:
+        return self.student
+
+    def save(self, folder: Path, write: bool) -> None:
+        if write:
+            params = list(self.student.parameters())
+            optim.write_state(folder, optim.state_tensors(self.optimizer, params), self.optimizer)
+
+    def load(self, folder: Path) -> None:
+        params = list(self.student.parameters())
+        optim.load_state_tensors(self.optimizer, params, optim.read_state(folder))
+        optim.load_hyperparameters(self.optimizer, folder)
+
+    def engine_state(self) -> dict[str, Any]:
+        return {}
+
+    def load_engine_state(self, state: dict[str, Any]) -> None:
+        pass
+
 
 ADAM_KEYS = ("exp_avg", "exp_avg_sq")
 
@@ -56,6 +145,8 @@ class DeepSpeedUpdate:
     """G wrapped in a DeepSpeed engine with a plain torch AdamW (no compiled DeepSpeed ops)."""
 
     def __init__(self, student: torch.nn.Module, cfg: Config, world_size: int) -> None:
+        import deepspeed
+
         deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
         # DeepSpeed reads weights as flat bytes (broadcast, ZeRO flattening): NCHW strides only
         # (train.channels_last then holds for the teacher/backbone)
@@ -63,7 +154,7 @@ class DeepSpeedUpdate:
         o = cfg.optim
         # ZeRO 1/2/3 hand this AdamW one flat fp32 partition: fused steps it in one kernel with
         # no full-size temporaries (foreach allocates one as large as the partition)
-        opt = adamw(student.parameters(), o)
+        opt = optim.adamw(student.parameters(), o)
         bf16 = cfg.train.precision == "bf16"
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=student, optimizer=opt, config=deepspeed_config(cfg, world_size, bf16)
@@ -103,6 +194,8 @@ class DeepSpeedUpdate:
         """G's parameters with their full values (ZeRO-3 gathers them; collective)."""
         params = list(self.student.parameters())
         if self.stage == 3:
+            import deepspeed
+
             with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
                 yield params
         else:
@@ -112,6 +205,8 @@ class DeepSpeedUpdate:
         """Full fp32 weights on every rank. Under ZeRO-3 (partitions) or bf16 (low-precision
         copies) they are gathered from DeepSpeed's fp32 master (collective: every rank calls);
         otherwise the module already holds them."""
+        from deepspeed.utils import safe_get_full_fp32_param
+
         out = {}
         for n, p in self.student.named_parameters():
             gather = self.stage == 3 or p.dtype != torch.float32
@@ -146,9 +241,11 @@ class DeepSpeedUpdate:
     def optimizer_tensors(self) -> dict[str, torch.Tensor]:
         """``{i}.{exp_avg,exp_avg_sq,step}`` per parameter (collective under ZeRO; every rank
         gets the full tensors)."""
+        from deepspeed.utils import safe_get_full_optimizer_state
+
         if self.stage == 0:
             params = [p for _, p in self._named_params()]
-            return ckpt.optimizer_tensors(self.optimizer, params)
+            return optim.state_tensors(self.optimizer, params)
         out: dict[str, torch.Tensor] = {}
         step = self._step_count()
         for i, (_, p) in enumerate(self._named_params()):
@@ -163,43 +260,29 @@ class DeepSpeedUpdate:
     def save(self, folder: Path, write: bool) -> None:
         """All ranks call (gathers); ``write`` on one rank puts the files in ``folder``."""
         tensors = self.optimizer_tensors()
-        if not write:
-            return
-        from safetensors.torch import save_file
-
-        folder.mkdir(parents=True, exist_ok=True)
-        save_file(tensors, str(folder / "state.safetensors"))
-        groups = [
-            {k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups
-        ]
-        (folder / "param_groups.json").write_text(json.dumps(groups, default=list))
+        if write:
+            optim.write_state(folder, tensors, self.optimizer)
 
     def load(self, folder: Path) -> None:
         """Scatter a consolidated state into this rank's partitions (any stage, any world)."""
-        from safetensors.torch import load_file
+        from deepspeed.utils import safe_set_full_optimizer_state
 
-        tensors = load_file(str(folder / "state.safetensors"))
+        tensors = optim.read_state(folder)
         named = self._named_params()
         if self.stage == 0:
-            ckpt.load_optimizer(self.optimizer, [p for _, p in named], folder)
-            return
-        if not tensors:
-            return
-        self._materialise_state()
-        for i, (_, p) in enumerate(named):
-            for key in ADAM_KEYS:
-                if f"{i}.{key}" in tensors:
-                    safe_set_full_optimizer_state(p, tensors[f"{i}.{key}"], key)
-        steps = [v for k, v in tensors.items() if k.endswith(".step")]
-        for state in self._base().state.values():
-            step = steps[0].clone().float() if steps else torch.tensor(0.0)
-            old = state.get("step")  # fused AdamW keeps its step count on the device
-            state["step"] = step.to(old.device) if torch.is_tensor(old) else step
-        groups = json.loads((folder / "param_groups.json").read_text())
-        for g, saved in zip(self.optimizer.param_groups, groups, strict=False):
-            for k in ("lr", "betas", "weight_decay", "eps"):
-                if k in saved:
-                    g[k] = tuple(saved[k]) if isinstance(g.get(k), tuple) else saved[k]
+            optim.load_state_tensors(self.optimizer, [p for _, p in named], tensors)
+        elif tensors:
+            self._materialise_state()
+            for i, (_, p) in enumerate(named):
+                for key in ADAM_KEYS:
+                    if f"{i}.{key}" in tensors:
+                        safe_set_full_optimizer_state(p, tensors[f"{i}.{key}"], key)
+            steps = [v for k, v in tensors.items() if k.endswith(".step")]
+            for state in self._base().state.values():
+                step = steps[0].clone().float() if steps else torch.tensor(0.0)
+                old = state.get("step")  # fused AdamW keeps its step count on the device
+                state["step"] = step.to(old.device) if torch.is_tensor(old) else step
+        optim.load_hyperparameters(self.optimizer, folder)
 
     @torch.no_grad()
     def _materialise_state(self) -> None:

@@ -256,6 +256,23 @@ class NitroLCMScheduler(SchedulerMixin, ConfigMixin):
         self.init_noise_sigma = 1.0
         self.set_timesteps(1)
 
+    @classmethod
+    def from_schedule(
+        cls, schedule: dict[str, Any], shift: int, original_inference_steps: int = 4
+    ) -> NitroLCMScheduler:
+        """The exported scheduler for a teacher's noise schedule (its diffusers scheduler config)
+        and the student's shift."""
+        s = schedule
+        return cls(
+            num_train_timesteps=int(s.get("num_train_timesteps", 1000)),
+            beta_start=float(s.get("beta_start", 0.00085)),
+            beta_end=float(s.get("beta_end", 0.012)),
+            beta_schedule=s.get("beta_schedule", "scaled_linear"),
+            prediction_type=s.get("prediction_type", "epsilon"),
+            shift=shift,
+            original_inference_steps=original_inference_steps,
+        )
+
     def set_timesteps(
         self, num_inference_steps: int, device: str | torch.device | None = None, **_: Any
     ) -> None:

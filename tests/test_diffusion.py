@@ -2,8 +2,7 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, LCMScheduler
 
-from nitro_dist.models import tiny
-from nitro_dist.sampling import (
+from nitro_dist.diffusion import (
     NitroLCMScheduler,
     StudentDenoiser,
     TeacherSampler,
@@ -14,6 +13,7 @@ from nitro_dist.sampling import (
     seeded_noise,
     shifted,
 )
+from nitro_dist.models import tiny
 
 
 @pytest.mark.parametrize("n", [1, 2, 3, 4])

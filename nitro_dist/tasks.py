@@ -1,0 +1,167 @@
+"""What a run is about: its prompts, its own models, its evaluation (STYLE.md 13).
+
+The core (loop, checkpoints, evaluation, serving) knows tasks only through ``Task``; the built-in
+digits task lives in ``nitro_dist/digits/`` and is found by name like any other, through the
+``nitro_dist.tasks`` entry-point group (pyproject.toml) or a ``package.module:Class`` path, so
+nothing outside ``nitro_dist/digits/`` imports it.
+
+Any run that is not a built-in task uses ``task: prompts``: grids and evaluation draw on
+``train.sample_prompts`` (a list, or a prompt file), and its training prompts come from shards.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from importlib.metadata import entry_points
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
+
+import torch
+
+from nitro_dist.data.prompts import read_prompts
+
+if TYPE_CHECKING:
+    from nitro_dist.config import Config
+
+ENTRY_POINT_GROUP = "nitro_dist.tasks"
+EVAL_SEED_OFFSET = 10_000_000  # evaluation never reuses a training seed
+TRAIN_SEED_OFFSET = 1_000_000  # built-in training prompts use noise seeds offset + i
+
+# prompts, seeds, steps -> images N x C x H x W in [-1, 1] (inference.Generator is one)
+GenerateFn = Callable[[list[str], list[int], int], torch.Tensor]
+
+
+@runtime_checkable
+class Task(Protocol):
+    name: str
+
+    def model_dir(self) -> Path | None:
+        """The task's own diffusers folder (``model.source=task``), or None when it has none."""
+        ...
+
+    def train_prompts(self, n: int) -> list[str]:
+        """``n`` training prompts for ``data.source=task`` (prompts made in memory)."""
+        ...
+
+    def sample_prompts(self) -> list[str]:
+        """One grid row per prompt."""
+        ...
+
+    def eval_prompts(self, n: int) -> list[str]:
+        """The prompts of ``n`` evaluation images."""
+        ...
+
+    def metrics(self, images: torch.Tensor, prompts: list[str]) -> dict[str, float]:
+        """Quality figures of generated images (N x C x H x W in [-1, 1]) for their prompts."""
+        ...
+
+
+class PromptTask:
+    """Any run without a built-in task: prompts from ``train.sample_prompts``, no models of its
+    own, training prompts from shards. Its metrics need no weights: ``diversity`` (mean pixel
+    distance between images of the same prompt from different seeds; 0 = the seed is ignored,
+    mode collapse) and ``pixel_std``. FID and CLIP score come from ``python -m nitro_dist.eval``
+    with the weights the user supplies."""
+
+    name = "prompts"
+
+    def __init__(self, sample_prompts: list[str]) -> None:
+        self.prompts = list(sample_prompts)
+
+    def model_dir(self) -> Path | None:
+        return None
+
+    def train_prompts(self, n: int) -> list[str]:
+        raise ValueError(
+            "data.source=task: task 'prompts' has no built-in training prompts; set "
+            "data.source=shards and data.shards (python -m nitro_dist.data.write_shards makes them)"
+        )
+
+    def sample_prompts(self) -> list[str]:
+        if not self.prompts:
+            raise ValueError(
+                "train.sample_prompts: task 'prompts' needs prompts for its sample grids and "
+                "evaluation (a list, or a .txt/.jsonl/.csv/.parquet prompt file)"
+            )
+        return self.prompts
+
+    def eval_prompts(self, n: int) -> list[str]:
+        prompts = self.sample_prompts()
+        return [prompts[i % len(prompts)] for i in range(n)]
+
+    def metrics(self, images: torch.Tensor, prompts: list[str]) -> dict[str, float]:
+        flat = images.flatten(1).double()
+        by_prompt: dict[str, list[int]] = {}
+        for i, p in enumerate(prompts):
+            by_prompt.setdefault(p, []).append(i)
+        dists = [
+            torch.pdist(flat[idx]).mean() / flat.shape[1] ** 0.5
+            for idx in by_prompt.values()
+            if len(idx) > 1
+        ]
+        out = {"pixel_std": float(images.double().std())}
+        if dists:
+            out["diversity"] = float(torch.stack(dists).mean())
+        return out
+
+
+def task_names() -> list[str]:
+    return sorted({"prompts", *(ep.name for ep in entry_points(group=ENTRY_POINT_GROUP))})
+
+
+def load_task(name: str, sample_prompts: list[str] | str = ()) -> Task:
+    """The task called ``name`` (an entry point of ``nitro_dist.tasks``, ``prompts``, or a
+    ``package.module:Class`` path), made with the run's sample prompts (a list or a file)."""
+    prompts = _read_sample_prompts(sample_prompts)
+    if name == "prompts":
+        return PromptTask(prompts)
+    if ":" in name:
+        module, _, attr = name.partition(":")
+        try:
+            cls = getattr(importlib.import_module(module), attr)
+        except (ImportError, AttributeError) as e:
+            raise ValueError(f"task: cannot load {name!r} ({e})") from None
+    else:
+        found = [ep for ep in entry_points(group=ENTRY_POINT_GROUP) if ep.name == name]
+        if not found:
+            raise ValueError(
+                f"task: no task named {name!r}; known: {', '.join(task_names())} (or a "
+                "package.module:Class path; a fresh checkout needs `pip install -e .` to register "
+                "the built-in tasks)"
+            )
+        cls = found[0].load()
+    task = cls(prompts)
+    if not isinstance(task, Task):
+        raise ValueError(f"task: {name!r} does not implement nitro_dist.tasks.Task")
+    return task
+
+
+def task_of(cfg: Config) -> Task:
+    return load_task(cfg.task, cfg.train.sample_prompts)
+
+
+def _read_sample_prompts(spec: list[str] | str | tuple) -> list[str]:
+    if isinstance(spec, str):
+        if not spec:
+            return []
+        return read_prompts(spec, "prompt", what="train.sample_prompts")
+    return [str(p) for p in spec]
+
+
+def evaluate_steps(
+    task: Task,
+    generate: GenerateFn,
+    num_images: int,
+    steps: tuple[int, ...] = (1, 2, 4),
+    seed: int = 0,
+) -> dict[str, float]:
+    """The task's metrics of ``num_images`` evaluation images at each step count, as
+    ``{metric}_{k}step``; the same seeds at every step count."""
+    prompts = task.eval_prompts(num_images)
+    seeds = [EVAL_SEED_OFFSET + seed + i for i in range(num_images)]
+    out: dict[str, float] = {}
+    for k in steps:
+        for name, value in task.metrics(generate(prompts, seeds, k), prompts).items():
+            out[f"{name}_{k}step"] = value
+    return out
