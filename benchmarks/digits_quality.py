@@ -17,20 +17,20 @@ from pathlib import Path
 
 import torch
 
+from nitro_dist.build import models_of
 from nitro_dist.config import load_config
 from nitro_dist.data.pairs import teacher_x0
 from nitro_dist.diffusion import TeacherSampler
 from nitro_dist.digits.data import PROMPTS
 from nitro_dist.digits.metric import DigitsEvaluator
 from nitro_dist.inference import Generator
-from nitro_dist.models.builders import build_models
 from nitro_dist.tasks import EVAL_SEED_OFFSET
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def teacher_rows(cfg, prompts, seeds, labels, ev) -> list[dict]:
-    models = build_models(cfg.model, cfg.seed)
+    models = models_of(cfg)
     t = cfg.teacher
     rows = []
     for name, steps in (

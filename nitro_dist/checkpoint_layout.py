@@ -36,6 +36,11 @@ LATEST = "latest"
 GENERATOR, GENERATOR_EMA, SCHEDULER = "generator", "generator_ema", "scheduler"
 
 
+def is_remote(url: str) -> bool:
+    """An object-storage URL (s3://...), as opposed to a local path."""
+    return "://" in url and not url.startswith("file://")
+
+
 def checkpoint_name(iteration: int) -> str:
     return f"iter_{iteration:06d}"
 

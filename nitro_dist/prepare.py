@@ -40,13 +40,12 @@ class PairWriter:
     """A Ray Data actor: loads the teacher once, turns prompt shards into pair shards."""
 
     def __init__(self, config: dict[str, Any], out: str, batch_size: int) -> None:
-        from nitro_dist.build import pick_device
+        from nitro_dist.build import models_of, pick_device
         from nitro_dist.diffusion import TeacherSampler
-        from nitro_dist.models.builders import build_models
 
         cfg = config_from_dict(config)
         self.device = pick_device(cfg.train.device)
-        self.models = build_models(cfg.model, cfg.seed)
+        self.models = models_of(cfg)
         self.models.teacher.to(self.device)
         self.models.text.to(self.device)
         self.sampler = TeacherSampler.from_config(self.models.schedule, cfg.teacher)

@@ -7,8 +7,7 @@ import hashlib
 import os
 from pathlib import Path
 
-from nitro_dist.checkpoint_layout import missing_parts
-from nitro_dist.distributed.ray_train import is_remote
+from nitro_dist.checkpoint_layout import is_remote, missing_parts
 
 # what inference reads from a checkpoint (the heads and optimizer state stay remote)
 INFERENCE_PARTS = ("generator", "generator_ema", "scheduler", "config.yaml", "trainer_state.json")

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -15,6 +17,34 @@ def say(line: str) -> None:
     which shows every line twice in the driver's output."""
     sys.stdout.write(line + "\n")
     sys.stdout.flush()
+
+
+def quiet_libraries() -> None:
+    """Library chatter off, warnings that matter kept: one progress line per ``train.log_every``
+    is what the console should show. Called in the driver and first thing in each worker."""
+    os.environ.setdefault("WANDB_SILENT", "true")  # wandb's ~30 lines per run
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # "Loading weights" bars
+    if "deepspeed" not in sys.modules:  # read at import: "Setting accelerator to CPU" warning
+        import torch
+
+        if not torch.cuda.is_available():
+            os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.set_verbosity_error()  # e.g. "accelerate was not found"
+    transformers.utils.logging.set_verbosity_error()
+    # Ray Train V2 echoes every ray.train.report as "Reporting training result N: ..." at INFO on
+    # a logger named by its file path (outside "ray.train", so Train's LoggingConfig misses it)
+    try:
+        from ray.train.v2._internal.execution import context
+
+        logging.getLogger(context.__file__).setLevel(logging.WARNING)
+    except ImportError:
+        pass
+    logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(
+        logging.ERROR
+    )  # "Token authentication is enabled" on every start (auth stays on)
 
 
 def progress_line(done: int, total: int, m: dict[str, float]) -> str:

@@ -8,13 +8,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from nitro_dist.build import models_of
 from nitro_dist.config import load_config
 from nitro_dist.data.pairs import teacher_x0
 from nitro_dist.data.shards import BadData, list_shards, read_shard, write_manifest
 from nitro_dist.data.write_shards import digits_prompts, write_prompt_shards
 from nitro_dist.diffusion import TeacherSampler
 from nitro_dist.distributed.ray_train import launch
-from nitro_dist.models.builders import build_models
 from nitro_dist.prepare import prepare
 from nitro_dist.train import main
 
@@ -38,7 +38,7 @@ def test_prepare_writes_teacher_pairs_and_resumes(pairs):
     got = list(read_shard(shards.urls[3], BadData()))[:12]
     assert all(s.teacher is not None and s.teacher.shape == (1, 8, 8) for s in got)
     # the stored latents are the online teacher's output for the same (prompt, seed)
-    models = build_models(cfg.model, cfg.seed)
+    models = models_of(cfg)
     sampler = TeacherSampler.from_config(models.schedule, cfg.teacher)
     online = teacher_x0(
         models.teacher,

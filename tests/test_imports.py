@@ -78,3 +78,21 @@ def test_no_import_cycles():
     for m in sorted(graph):
         if m not in state:
             visit(m, [])
+
+
+def test_inference_and_serving_import_no_training_code():
+    """Inference, the image API, serving and the checkpoint layout read checkpoints without
+    building runs: none of them reaches training code, even lazily."""
+    graph = module_graph()
+    training = ("nitro_dist.build", "nitro_dist.step", "nitro_dist.loop", "nitro_dist.checkpoint")
+    roots = ["nitro_dist.inference", "nitro_dist.image_api", "nitro_dist.serve"]
+    roots += ["nitro_dist.remote", "nitro_dist.checkpoint_layout", "nitro_dist.sample"]
+    for root in roots:
+        seen, todo = set(), [root]
+        while todo:
+            m = todo.pop()
+            if m not in seen:
+                seen.add(m)
+                todo += graph[m]
+        bad = sorted(m for m in seen if m in training or m.startswith("nitro_dist.distributed"))
+        assert not bad, (root, bad)

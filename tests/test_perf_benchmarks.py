@@ -33,7 +33,7 @@ def test_gpu_benchmark_imports_nothing_the_gpu_machine_lacks():
     code = (
         "import sys; sys.path.insert(0, 'benchmarks')\n"
         "import gpu_sdxl, gpu_sdxl_gen, gpu_sdxl_report, train_throughput\n"
-        "import nitro_dist.distributed.engine, nitro_dist.perf\n"
+        "import deepspeed, nitro_dist.distributed.g_update, nitro_dist.perf\n"
         "bad = {'ray', 'webdataset', 's3fs', 'wandb'} & {m.split('.')[0] for m in sys.modules}\n"
         "print('IMPORTED', sorted(bad))\n"
     )

@@ -12,6 +12,7 @@ last reported checkpoint.
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import os
 import shutil
@@ -26,7 +27,9 @@ import torch.distributed as dist
 
 from nitro_dist import checkpoint as ckpt
 from nitro_dist import checkpoint_layout as layout
+from nitro_dist.checkpoint_layout import is_remote
 from nitro_dist.config import Config, config_from_dict, to_dict
+from nitro_dist.run_log import quiet_libraries
 
 FAIL_ENV = "NITRO_FAIL_AT"  # "iteration[:rank]": inject a worker fault (tests, recovery drills)
 FAULT_EXIT_CODE = 17
@@ -34,10 +37,6 @@ FAULT_EXIT_CODE = 17
 
 # ---------------------------------------------------------------------------------------------
 # where a run lives
-
-
-def is_remote(url: str) -> bool:
-    return "://" in url and not url.startswith("file://")
 
 
 def resolve_storage(storage_path: str) -> str:
@@ -77,20 +76,32 @@ def connect(cfg: Config) -> None:
     """Join RAY_ADDRESS's cluster, or start a local one with enough (logical) CPUs."""
     import ray
 
+    quiet_ray_train(local=not os.environ.get("RAY_ADDRESS"))
     if ray.is_initialized():
         return
     address = os.environ.get("RAY_ADDRESS")
     if address:
         check_reachable(address)  # ray.init() would retry an unreachable address forever
-        ray.init(log_to_driver=True)
+        ray.init(log_to_driver=True, logging_level=logging.WARNING)
         return
     d = cfg.distributed
     need = math.ceil(d.num_workers * d.cpus_per_worker)
     ray.init(
         num_cpus=max(os.cpu_count() or 1, need),
         dashboard_host="127.0.0.1",  # the state API (Train V2 uses it) lives in the dashboard
+        logging_level=logging.WARNING,  # no "Started a local Ray instance" banner
         runtime_env={"env_vars": {"OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}},
     )
+
+
+def quiet_ray_train(local: bool) -> None:
+    """The driver's side of a readable console (the worker calls ``run_log.quiet_libraries``):
+    Ray Train's read by ``trainer.fit()`` from the driver's environment and passed to workers."""
+    quiet_libraries()
+    os.environ.setdefault("RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS", "0")
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")  # else every print() shows twice
+    if local:  # one machine: no preemption to watch for (its actor logs a C++ error line)
+        os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 
 
 def check_reachable(address: str, timeout_s: float = 5.0) -> None:
@@ -151,6 +162,8 @@ def make_trainer(cfg: Config, resume: str | None = None, callbacks: list | None 
             storage_path=path,
             storage_filesystem=fs,
             failure_config=ray.train.FailureConfig(max_failures=d.max_failures),
+            # worker-group set-up tables, "Checkpoint successfully created", ... (WARNING and up)
+            logging_config=ray.train.LoggingConfig(log_level="WARNING"),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
             callbacks=callbacks or None,
         ),
@@ -167,6 +180,7 @@ def worker_loop(config: dict[str, Any]) -> None:
 
     from nitro_dist.loop import train
 
+    quiet_libraries()
     cfg = config_from_dict(config["config"])
     if not cfg.train.num_threads:  # Ray sets OMP_NUM_THREADS=1 for its workers
         torch.set_num_threads(max(1, int(cfg.distributed.cpus_per_worker)))
