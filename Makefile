@@ -1,6 +1,7 @@
 # Two commands do all the set-up on a fresh machine:
 #   make train   - create .venv, install, run the digits distillation (CPU, minutes)
 #   make test    - create .venv, install, run the test suite
+# (make lint: ruff and mypy; .ci/run runs it before the tests)
 VENV ?= .venv
 PY := $(VENV)/bin/python
 export OMP_WAIT_POLICY ?= PASSIVE
@@ -25,3 +26,4 @@ test: setup
 
 lint: setup
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
+	$(PY) -m mypy

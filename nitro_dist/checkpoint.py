@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -28,6 +28,9 @@ from nitro_dist.checkpoint_layout import (
 from nitro_dist.diffusion import NitroLCMScheduler
 from nitro_dist.discriminator.pool import HeadPool
 from nitro_dist.distributed.g_update import GUpdate
+
+if TYPE_CHECKING:
+    from diffusers import ModelMixin
 
 # ---------------------------------------------------------------------------------------------
 # pool
@@ -98,7 +101,7 @@ class Parts:
     """The named parts of a training checkpoint, as this rank holds them."""
 
     g: GUpdate  # G's weights (full_module) and its optimizer state
-    ema: torch.nn.Module | None
+    ema: ModelMixin | None
     scheduler: NitroLCMScheduler  # the exported sampler (noise schedule + shift)
     pool: HeadPool  # the heads this rank owns
     trainer_state: dict[str, Any]  # iteration, images_seen, data_cursor, seed, world_size

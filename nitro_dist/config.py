@@ -296,7 +296,7 @@ def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
     kwargs = {}
     for name, value in data.items():
         tp = hints[name]
-        if dataclasses.is_dataclass(tp):
+        if isinstance(tp, type) and dataclasses.is_dataclass(tp):
             kwargs[name] = from_dict(tp, value, f"{prefix}{name}.")
         else:
             kwargs[name] = _check_value(prefix + name, tp, value)
@@ -428,9 +428,9 @@ def validate(cfg: Config) -> None:
         need(k in HEAD_KINDS, f"pool.kinds[{i}]", f"{k!r} is not one of {list(HEAD_KINDS)}")
     need(len(set(p.kinds)) == len(p.kinds), "pool.kinds", "kinds repeat")
     need(len(p.t_buckets) > 0, "pool.t_buckets", "at least one t* bucket is needed")
-    for i, t in enumerate(p.t_buckets):
+    for i, b in enumerate(p.t_buckets):
         need(
-            0 <= t < MAX_TIMESTEPS, f"pool.t_buckets[{i}]", f"{t} is not in 0..{MAX_TIMESTEPS - 1}"
+            0 <= b < MAX_TIMESTEPS, f"pool.t_buckets[{i}]", f"{b} is not in 0..{MAX_TIMESTEPS - 1}"
         )
     need(p.t_jitter >= 0, "pool.t_jitter", "must be >= 0")
     need(p.candidates >= 1, "pool.candidates", "must be >= 1")

@@ -164,7 +164,7 @@ class TeacherSampler:
         timesteps: list[int] | None = None,
         overrides: dict[str, Any] | None = None,
     ) -> None:
-        cls = getattr(diffusers, scheduler, None)
+        cls: type[SchedulerMixin] | None = getattr(diffusers, scheduler, None)  # checked below
         if cls is None or not isinstance(cls, type) or not issubclass(cls, SchedulerMixin):
             raise ValueError(f"teacher.scheduler: {scheduler!r} is not a diffusers scheduler class")
         self.scheduler = cls.from_config({**schedule, **(overrides or {})})
@@ -200,7 +200,10 @@ class TeacherSampler:
         cfg = self.guidance_scale > 1.0
         if cfg and uncond is None:
             raise ValueError("teacher.guidance_scale > 1 needs the empty-prompt conditioning")
-        both = Cond.cat([uncond, cond]) if cfg else cond
+        both = cond
+        if cfg:
+            assert uncond is not None  # checked above
+            both = Cond.cat([uncond, cond])
         x = x_T * sched.init_noise_sigma
         denoised = x
         for t in sched.timesteps:

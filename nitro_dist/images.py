@@ -24,7 +24,7 @@ def to_uint8_hwc(images_NCHW: torch.Tensor) -> np.ndarray:
 def to_pil(image_HWC: np.ndarray, scale: int = 1) -> Image.Image:
     img = Image.fromarray(image_HWC[..., 0] if image_HWC.shape[-1] == 1 else image_HWC)
     if scale > 1:
-        img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
+        img = img.resize((img.width * scale, img.height * scale), Image.Resampling.NEAREST)
     return img
 
 

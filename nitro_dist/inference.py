@@ -154,7 +154,11 @@ def _text_and_vae(cfg: Config) -> tuple[TextConditioner, AutoencoderKL | None]:
     if m.source == "tiny_sdxl":
         tiny = build_tiny_sdxl(cfg.seed, with_vae=m.use_vae)
         return tiny.text, tiny.vae
-    root = task_of(cfg).model_dir() if m.source == "task" else Path(m.teacher_path)
+    if m.source == "task":
+        root = task_of(cfg).model_dir()
+    else:
+        assert m.teacher_path is not None  # config.validate: required for source=diffusers
+        root = Path(m.teacher_path)
     if root is None:
         raise ValueError(f"model.source=task: task {cfg.task!r} ships no models")
     unet_cfg = UNet2DConditionModel.load_config(root / "unet")
@@ -256,7 +260,7 @@ class LowPrecisionDecoder:
     """``vae.decode(latents / scaling).sample`` in the VAE's dtype without autocast, optionally
     CUDA-graphed or compiled like ``LowPrecisionUNet``; returns fp32 pixels in [-1, 1]-ish."""
 
-    def __init__(self, vae: torch.nn.Module, *, graphs: bool = False, compile: str | None = None):
+    def __init__(self, vae: AutoencoderKL, *, graphs: bool = False, compile: str | None = None):
         self.dtype = next(vae.parameters()).dtype
         scale = vae.config.scaling_factor
 

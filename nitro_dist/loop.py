@@ -35,7 +35,7 @@ class Session(Protocol):
     rank: int
     world_size: int
 
-    def restore(self, resume: Path | None) -> contextlib.AbstractContextManager[Path | None]:
+    def restore(self, resume: str | Path | None) -> contextlib.AbstractContextManager[Path | None]:
         """The checkpoint to continue from, if any (a local folder while the context lasts)."""
         ...
 
@@ -67,8 +67,8 @@ class LocalSession:
         self.run_dir, self.root, self.keep = run_dir, run_dir / "checkpoints", keep
 
     @contextlib.contextmanager
-    def restore(self, resume: Path | None) -> Iterator[Path | None]:
-        yield resume if resume is not None else layout.latest(self.root)
+    def restore(self, resume: str | Path | None) -> Iterator[Path | None]:
+        yield Path(resume) if resume is not None else layout.latest(self.root)
 
     def parallelize(self, run: Run) -> None:
         pass  # the pool and G as build_run made them
@@ -111,7 +111,10 @@ def evaluate(run: Run, unet: torch.nn.Module) -> dict[str, float]:
 
 
 def train(
-    cfg: Config, run_dir: Path, resume: Path | None = None, session: Session | None = None
+    cfg: Config,
+    run_dir: Path,
+    resume: str | Path | None = None,
+    session: Session | None = None,
 ) -> dict[str, Any]:
     """Train; returns the final metrics. Rank 0 writes into ``run_dir``: config.yaml,
     metrics.jsonl, samples/*.png, final_metrics.json (and, single-process, checkpoints/).
@@ -170,6 +173,7 @@ def train(
             t_last, n_last = now, seen
             report.update(metrics)
             if lead:
+                assert logger is not None
                 logger.log(done, seen, metrics)
                 bar.set_postfix(
                     g=f"{metrics['g_loss']:.3f}",
@@ -181,10 +185,12 @@ def train(
         if tr.sample_every and done % tr.sample_every == 0:
             unet = run.sampling_unet
             if lead:
+                assert logger is not None
                 logger.images(done, samples(run, unet, run_dir / "samples", f"iter_{done:06d}"))
         if tr.eval_every and done % tr.eval_every == 0 and done < tr.iterations:
             unet = run.sampling_unet
             if lead:
+                assert logger is not None
                 ev = evaluate(run, unet)
                 logger.log(done, seen, ev)
                 report.update(ev)
@@ -199,6 +205,7 @@ def train(
         "images_seen": run.state["images_seen"],
     }
     if lead:
+        assert logger is not None
         logger.images(run.state["iteration"], samples(run, unet, run_dir / "samples", "final"))
         final.update(evaluate(run, unet))
         logger.log(run.state["iteration"], run.state["images_seen"], final)

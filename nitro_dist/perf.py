@@ -8,6 +8,7 @@ checkpointing off. HFU counts the iteration as run, recomputation included.
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -142,7 +143,7 @@ def meta_iteration_flops(
             student.enable_gradient_checkpointing()
         else:
             student.disable_gradient_checkpointing()
-        counts.append(count_flops(lambda ckpt=ckpt: iteration(ckpt))[0])
+        counts.append(count_flops(functools.partial(iteration, ckpt))[0])
     t = torch.full((1,), 999, dtype=torch.long, device="meta")
     with torch.no_grad():
         student_fwd, _ = count_flops(lambda: student(x, t, **c.unet_kwargs()))

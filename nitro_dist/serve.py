@@ -12,6 +12,7 @@ validation, backpressure answered with 503).
 
 import asyncio
 import random
+from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
@@ -141,7 +142,7 @@ async def _bad_request(request: Request, exc: RequestValidationError) -> JSONRes
     """4xx naming the field: 400 for a body that is not JSON, 422 for JSON that breaks the
     schema (unknown field, value out of range, missing prompt...)."""
     errors = exc.errors()
-    first = errors[0] if errors else {"loc": ("body",), "msg": "invalid request"}
+    first: dict[str, Any] = errors[0] if errors else {"loc": ("body",), "msg": "invalid request"}
     if first.get("type") == "json_invalid":
         why = (first.get("ctx") or {}).get("error", "")
         return JSONResponse(
@@ -156,7 +157,7 @@ async def _bad_request(request: Request, exc: RequestValidationError) -> JSONRes
     )
 
 
-def _plain(errors: list[dict]) -> list[dict]:
+def _plain(errors: Sequence[dict]) -> list[dict]:
     return [
         {"loc": list(e.get("loc", ())), "msg": e.get("msg"), "type": e.get("type")} for e in errors
     ]
@@ -279,7 +280,8 @@ def app(args: dict) -> serve.Application:
                 "target_ongoing_requests": a.max_batch_size,
             }
         }
-    generator = GeneratorReplica.options(
+    # serve.deployment made the class a Deployment; mypy does not apply class decorators
+    generator = GeneratorReplica.options(  # type: ignore[attr-defined]
         ray_actor_options=actor,
         max_ongoing_requests=a.max_ongoing_requests,
         max_queued_requests=a.max_queued_requests,
@@ -287,7 +289,7 @@ def app(args: dict) -> serve.Application:
     ).bind(checkpoint, device, dtype, a.max_batch_size, a.batch_wait_ms)
     # the ingress holds no model: a sliver of CPU, and room for everything the generators hold
     ingress_cap = a.max_ongoing_requests * (a.max_replicas if a.replicas == "auto" else a.replicas)
-    return Ingress.options(
+    return Ingress.options(  # type: ignore[attr-defined]  # a Deployment, as above
         ray_actor_options={"num_cpus": 0.1},
         max_ongoing_requests=ingress_cap + a.max_queued_requests,
         max_queued_requests=a.max_queued_requests,

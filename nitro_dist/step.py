@@ -155,7 +155,9 @@ def judge(
     scores = []
     for hid in sorted(heads):
         spec = layout.spec(hid)
-        feats = (feats_u if spec.kind == "local_uncond" else feats_c)[spec.level]
+        level_feats = feats_u if spec.kind == "local_uncond" else feats_c
+        assert level_feats is not None, "local_uncond heads need the unconditional features"
+        feats = level_feats[spec.level]
         if spec.kind != "global_cond":
             feats = crop(feats, spec.in_size, *crops[hid])
         scores.append(head_scores(heads[hid], feats, spec.kind))
@@ -285,8 +287,10 @@ def make_batch(
                     f"teacher.mode=offline but sample {missing[0]} has no teacher.npy: make pair "
                     "shards with python -m nitro_dist.prepare, or set teacher.mode=online"
                 )
-            x0 = torch.stack([s.teacher for s in samples]).to(run.device, torch.float32)
+            teacher = [s.teacher for s in samples if s.teacher is not None]  # all (checked above)
+            x0 = torch.stack(teacher).to(run.device, torch.float32)
     else:
+        assert run.train_set is not None  # data.source=task
         idx = global_batch_indices(cfg.seed, iteration, len(run.train_set), cfg.train.batch_size)
         idx = rank_slice(idx, rank, world_size)
         prompts = [run.train_set.prompts[i] for i in idx]
@@ -312,6 +316,7 @@ def audit(run: Run, iteration: int, samples: list) -> None:
     """data.audit_dir: which samples each rank trained on (checks for duplicates/loss)."""
     if not run.cfg.data.audit_dir:
         return
+    assert run.loader is not None  # called with shard data only
     folder = Path(run.cfg.data.audit_dir)
     folder.mkdir(parents=True, exist_ok=True)
     epoch = run.loader.cursor.epoch

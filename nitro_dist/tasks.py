@@ -12,7 +12,7 @@ Any run that is not a built-in task uses ``task: prompts``: grids and evaluation
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from importlib.metadata import entry_points
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
@@ -110,7 +110,7 @@ def task_names() -> list[str]:
     return sorted({"prompts", *(ep.name for ep in entry_points(group=ENTRY_POINT_GROUP))})
 
 
-def load_task(name: str, sample_prompts: list[str] | str = ()) -> Task:
+def load_task(name: str, sample_prompts: Sequence[str] | str = ()) -> Task:
     """The task called ``name`` (an entry point of ``nitro_dist.tasks``, ``prompts``, or a
     ``package.module:Class`` path), made with the run's sample prompts (a list or a file)."""
     prompts = _read_sample_prompts(sample_prompts)
@@ -141,7 +141,7 @@ def task_of(cfg: Config) -> Task:
     return load_task(cfg.task, cfg.train.sample_prompts)
 
 
-def _read_sample_prompts(spec: list[str] | str | tuple) -> list[str]:
+def _read_sample_prompts(spec: Sequence[str] | str) -> list[str]:
     if isinstance(spec, str):
         if not spec:
             return []

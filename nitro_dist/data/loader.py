@@ -34,7 +34,8 @@ def shard_assignment(counts: list[int], seed: int, epoch: int, world: int) -> li
     """shards[rank] for one epoch: permuted by (seed, epoch), greedily balanced by count."""
     g = rng.keyed_generator(seed, epoch, SHARDS_STREAM)
     order = torch.randperm(len(counts), generator=g).tolist()
-    totals, out = [0] * world, [[] for _ in range(world)]
+    totals = [0] * world
+    out: list[list[int]] = [[] for _ in range(world)]
     for s in order:
         r = min(range(world), key=lambda i: (totals[i], i))
         out[r].append(s)
@@ -81,8 +82,8 @@ class _EpochStream(IterableDataset):
 
 def pack(samples: list[Sample]) -> tuple:
     """One shared-memory tensor per chunk instead of one per sample (DataLoader IPC cost)."""
-    lat = [s.teacher for s in samples]
-    same = all(t is not None for t in lat) and len({tuple(t.shape) for t in lat}) == 1
+    lat = [s.teacher for s in samples if s.teacher is not None]
+    same = len(lat) == len(samples) and len({tuple(t.shape) for t in lat}) == 1
     stacked = torch.stack(lat) if same else None
     light = [Sample(s.key, s.prompt, s.noise_seed, None if same else s.teacher) for s in samples]
     return light, stacked

@@ -5,11 +5,16 @@ Registered as the ``digits`` entry point of ``nitro_dist.tasks`` (pyproject.toml
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from nitro_dist.digits.data import PROMPTS
+
+if TYPE_CHECKING:
+    from nitro_dist.digits.metric import DigitsEvaluator
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 IMAGE_SHAPE = (1, 8, 8)  # what the metric network reads
@@ -18,9 +23,9 @@ IMAGE_SHAPE = (1, 8, 8)  # what the metric network reads
 class DigitsTask:
     name = "digits"
 
-    def __init__(self, sample_prompts: list[str] = ()) -> None:
+    def __init__(self, sample_prompts: Sequence[str] = ()) -> None:
         self.prompts = list(sample_prompts) or list(PROMPTS)
-        self._evaluator = None
+        self._evaluator: DigitsEvaluator | None = None
 
     def model_dir(self) -> Path:
         if not (WEIGHTS_DIR / "unet" / "config.json").exists():

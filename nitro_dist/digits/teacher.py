@@ -13,6 +13,7 @@ import json
 import math
 import time
 from pathlib import Path
+from typing import cast
 
 import torch
 from diffusers import DDPMScheduler, UNet2DConditionModel
@@ -81,7 +82,8 @@ def train_teacher(
             bar.set_postfix(loss=f"{sum(losses[-50:]) / len(losses[-50:]):.4f}")
     out.mkdir(parents=True, exist_ok=True)
     ema.save_pretrained(out / "unet", safe_serialization=True)
-    text.encoders[0].save_pretrained(out / "text_encoder", safe_serialization=True)
+    encoder = cast(CLIPTextModel, text.encoders[0])  # the one build_text_encoder made
+    encoder.save_pretrained(out / "text_encoder", safe_serialization=True)
     sched.save_pretrained(out / "scheduler")
     info = {
         "iterations": iterations,

@@ -73,4 +73,4 @@ def level_shapes(
     x = torch.zeros(1, *sample_shape, device=unet.device, dtype=unet.dtype)
     t = torch.zeros(1, dtype=torch.long, device=unet.device)
     one = cond.index(slice(0, 1)).to(unet.device, unet.dtype)
-    return [tuple(f.shape[1:]) for f in backbone_features(unet, x, t, one)]
+    return [(f.shape[1], f.shape[2], f.shape[3]) for f in backbone_features(unet, x, t, one)]

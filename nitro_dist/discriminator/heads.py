@@ -52,6 +52,7 @@ class Head(nn.Module):
         Drawn on the CPU and copied, so a head gets the same weights on any device."""
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
+                assert m.bias is not None  # the heads' convs have biases
                 w = torch.empty(m.weight.shape)
                 nn.init.kaiming_uniform_(w, a=math.sqrt(5), generator=generator)
                 bound = 1 / math.sqrt(m.weight[0].numel())

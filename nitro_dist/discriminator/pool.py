@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import torch
 
@@ -99,7 +99,7 @@ def make_layout(pool_cfg, level_shapes: list[tuple[int, int, int]]) -> PoolLayou
         t_buckets=tuple(pool_cfg.t_buckets),
         levels=levels,
         candidates=pool_cfg.candidates,
-        level_shapes=tuple(tuple(s) for s in level_shapes),
+        level_shapes=tuple((c, h, w) for c, h, w in level_shapes),
         width=pool_cfg.width,
         depth=pool_cfg.depth,
         crop_frac=pool_cfg.crop_frac,
@@ -128,7 +128,7 @@ def sample_active(
         t_star += int(torch.randint(-t_jitter, t_jitter + 1, (1,), generator=g))
         t_star = min(max(t_star, 0), 999)
     g = rng.keyed_generator(seed, iteration, rng.ACTIVE)
-    ids = []
+    ids: list[int] = []
     for s in layout.slots_of_bucket(bucket):
         picks = torch.randperm(layout.candidates, generator=g)[:heads_per_slot]
         ids.extend(s * layout.candidates + int(c) for c in picks)
@@ -221,7 +221,7 @@ class HeadPool(torch.nn.Module):
         )
 
     def head(self, head_id: int) -> Head:
-        return self.heads[str(head_id)]
+        return cast(Head, self.heads[str(head_id)])  # the ModuleDict holds only heads
 
     def active(self, head_ids: tuple[int, ...] | list[int]) -> dict[int, Head]:
         return {h: self.head(h) for h in head_ids if str(h) in self.heads}

@@ -23,6 +23,8 @@ import torch
 from nitro_dist import optim
 
 if TYPE_CHECKING:
+    from diffusers import ModelMixin
+
     from nitro_dist.config import Config
 
 
@@ -44,7 +46,7 @@ class GUpdate(Protocol):
         """G's parameters with their full values (collective under ZeRO-3)."""
         ...
 
-    def full_module(self) -> torch.nn.Module:
+    def full_module(self) -> ModelMixin:
         """G with full fp32 weights (collective under ZeRO-3)."""
         ...
 
@@ -63,7 +65,7 @@ class TorchUpdate:
     """G's update in plain torch: AdamW, clipping, and on W > 1 ranks (a process group) the
     gradients averaged over ranks before the step."""
 
-    def __init__(self, student: torch.nn.Module, cfg: Config, world_size: int = 1) -> None:
+    def __init__(self, student: ModelMixin, cfg: Config, world_size: int = 1) -> None:
         o = cfg.optim
         self.student, self.grad_clip, self.accum = student, o.grad_clip, cfg.train.grad_accum
         self.optimizer = optim.adamw(student.parameters(), o)
@@ -98,7 +100,7 @@ class TorchUpdate:
     def full_params(self) -> Iterator[list[torch.nn.Parameter]]:
         yield list(self.student.parameters())
 
-    def full_module(self) -> torch.nn.Module:
+    def full_module(self) -> ModelMixin:
         return self.student
 
     def save(self, folder: Path, write: bool) -> None:
@@ -144,7 +146,7 @@ def deepspeed_config(cfg: Config, world_size: int, bf16: bool) -> dict[str, Any]
 class DeepSpeedUpdate:
     """G wrapped in a DeepSpeed engine with a plain torch AdamW (no compiled DeepSpeed ops)."""
 
-    def __init__(self, student: torch.nn.Module, cfg: Config, world_size: int) -> None:
+    def __init__(self, student: ModelMixin, cfg: Config, world_size: int) -> None:
         import deepspeed
 
         deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
@@ -215,7 +217,7 @@ class DeepSpeedUpdate:
         out.update({n: b.detach().cpu() for n, b in self.student.named_buffers()})
         return out
 
-    def full_module(self) -> torch.nn.Module:
+    def full_module(self) -> ModelMixin:
         """G with full fp32 weights: the module itself unless it holds ZeRO-3 partitions or bf16
         copies, else a fresh copy from the gathered master (collective: every rank calls)."""
         if self.stage != 3 and next(self.student.parameters()).dtype == torch.float32:

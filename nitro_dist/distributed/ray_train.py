@@ -217,14 +217,14 @@ class RaySession:
     # -- set-up -----------------------------------------------------------------------------
 
     @contextlib.contextmanager
-    def restore(self, resume: str | None) -> Iterator[Path | None]:
+    def restore(self, resume: str | Path | None) -> Iterator[Path | None]:
         """Ray's latest checkpoint of this run (after a failure, or a rerun of the same name), else
         the one given to ``launch(resume=...)`` (a local folder or a URL), else none."""
         import ray.train
 
         found = ray.train.get_checkpoint()
         if found is None and resume:
-            path, fs = ray_storage(resume)
+            path, fs = ray_storage(str(resume))
             found = ray.train.Checkpoint(path, filesystem=fs)
         if found is None:
             yield None

@@ -11,7 +11,7 @@ import copy
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
@@ -36,7 +36,10 @@ class Models:
         return self.text.sdxl
 
 
-def freeze(module: torch.nn.Module) -> torch.nn.Module:
+M = TypeVar("M", bound=torch.nn.Module)
+
+
+def freeze(module: M) -> M:
     module.requires_grad_(False)
     module.eval()
     return module

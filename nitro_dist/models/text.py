@@ -9,6 +9,7 @@ Two layouts are supported, picked by what the UNet expects:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 from torch import nn
@@ -54,9 +55,15 @@ class Cond:
         first = conds[0]
         return Cond(
             torch.cat([c.hidden_BLD for c in conds]),
-            None if first.pooled_BD is None else torch.cat([c.pooled_BD for c in conds]),
-            None if first.time_ids_B6 is None else torch.cat([c.time_ids_B6 for c in conds]),
+            None if first.pooled_BD is None else _cat([c.pooled_BD for c in conds]),
+            None if first.time_ids_B6 is None else _cat([c.time_ids_B6 for c in conds]),
         )
+
+
+def _cat(ts: list[torch.Tensor | None]) -> torch.Tensor:
+    """``torch.cat`` of tensors that are all there: the conds of one batch share one layout
+    (all carry the SDXL tensors, or none does)."""
+    return torch.cat(cast("list[torch.Tensor]", ts))
 
 
 class TextConditioner(nn.Module):

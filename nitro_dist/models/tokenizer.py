@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import gzip
 from pathlib import Path
+from typing import cast
 
 from transformers import CLIPTokenizer
 
@@ -35,7 +36,10 @@ def _bytes_to_unicode() -> dict[int, str]:
 @functools.cache
 def _vocab_and_merges() -> tuple[dict[str, int], tuple[tuple[str, str], ...]]:
     lines = gzip.open(BPE_PATH).read().decode("utf-8").split("\n")
-    merges = tuple(tuple(m.split()) for m in lines[1 : NUM_MERGES + 1])
+    # every merge line is one pair "a b"
+    merges = cast(
+        "tuple[tuple[str, str], ...]", tuple(tuple(m.split()) for m in lines[1 : NUM_MERGES + 1])
+    )
     byte_tokens = list(_bytes_to_unicode().values())
     tokens = byte_tokens + [t + "</w>" for t in byte_tokens]
     tokens += ["".join(m) for m in merges]
