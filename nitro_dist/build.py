@@ -49,13 +49,16 @@ class CondCache:
 
     def __call__(self, prompts: list[str]) -> Cond:
         missing = sorted({p for p in prompts if p not in self.table})
-        if missing:
-            # fp32 on the way out: autocast narrows it where the step runs in bf16
-            enc = self.models.text.encode(missing, self.image_hw).to(self.device, torch.float32)
-            if len(self.table) + len(missing) > self.max_entries:
-                self.table.clear()
-            for i, p in enumerate(missing):
-                self.table[p] = enc.index(slice(i, i + 1))
+        if len(self.table) + len(missing) > self.max_entries:
+            self.table.clear()
+        for p in missing:
+            # One prompt per call: a batched encoder's output differs in the last bits with the
+            # batch's other prompts (seen: 2e-7 in SDXL's pooled embedding), and a resumed run
+            # meets its prompts in other company than the straight run did. fp32 on the way out:
+            # autocast narrows it where the step runs in bf16.
+            self.table[p] = self.models.text.encode([p], self.image_hw).to(
+                self.device, torch.float32
+            )
         return Cond.cat([self.table[p] for p in prompts])
 
 
