@@ -1,5 +1,8 @@
+import dataclasses
+import re
 import subprocess
 import sys
+import typing
 
 import pytest
 import yaml
@@ -97,3 +100,97 @@ def test_cli_dry_run_prints_resolved_config_and_rejects_bad_keys():
     )
     assert bad.returncode == 2
     assert "pool.bogus" in bad.stderr
+
+
+# validate(): a bad value in any section is reported with its dotted key first in the message
+VALIDATE_CASES = {
+    "": [(["task="], "task")],
+    "model": [(["model.source=diffusers"], "model.teacher_path")],
+    "sampler": [
+        (["sampler.shift=0"], "sampler.shift"),
+        (["sampler.original_inference_steps=0"], "sampler.original_inference_steps"),
+    ],
+    "teacher": [
+        (["teacher.num_steps=0"], "teacher.num_steps"),
+        (["teacher.guidance_scale=-1"], "teacher.guidance_scale"),
+        (["teacher.offline_pairs=0"], "teacher.offline_pairs"),
+        (["teacher.batch_size=0"], "teacher.batch_size"),
+        (["teacher.mode=sometimes"], "teacher.mode"),
+    ],
+    "refinement": [
+        (["refinement.enable_at=[0,1,2,3,4]"], "refinement.enable_at"),
+        (["refinement.enable_at=[0,-1]"], "refinement.enable_at"),
+    ],
+    "pool": [
+        (["pool.kinds=[]"], "pool.kinds"),
+        (["pool.kinds=[global_cond,global_cond]"], "pool.kinds"),
+        (["pool.t_buckets=[]"], "pool.t_buckets"),
+        (["pool.t_jitter=-1"], "pool.t_jitter"),
+        (["pool.width=0"], "pool.width"),
+        (["pool.depth=0"], "pool.depth"),
+        (["pool.crop_frac=0"], "pool.crop_frac"),
+        (["pool.bucket_mb=0"], "pool.bucket_mb"),
+        (["pool.betas=[0.9]"], "pool.betas"),
+        (["pool.lr=0"], "pool.lr"),
+    ],
+    "loss": [(["loss.type=wgan"], "loss.type"), (["loss.g_weight=x"], "loss.g_weight")],
+    "optim": [
+        (["optim.lr=0"], "optim.lr"),
+        (["optim.betas=[0.9]"], "optim.betas"),
+        (["optim.ema_decay=1.0"], "optim.ema_decay"),
+        (["optim.d_steps_per_g_step=0"], "optim.d_steps_per_g_step"),
+        (["optim.fused=1"], "optim.fused"),
+    ],
+    "data": [
+        (["data.source=shards"], "data.shards"),
+        (["data.num_workers=-1"], "data.num_workers"),
+        (["data.shuffle_buffer=0"], "data.shuffle_buffer"),
+    ],
+    "train": [
+        (["train.iterations=-1"], "train.iterations"),
+        (["train.batch_size=0"], "train.batch_size"),
+        (["train.grad_accum=3"], "train.batch_size"),  # 64 does not split into 3 micro-batches
+        (["train.grad_accum=0"], "train.grad_accum"),
+        (["train.log_every=-1"], "train.log_every"),
+        (["train.checkpoint_every=-1"], "train.checkpoint_every"),
+        (["train.grid_per_prompt=0"], "train.grid_per_prompt"),
+        (["train.keep_checkpoints=0"], "train.keep_checkpoints"),
+        (["train.eval_images=5"], "train.eval_images"),
+        (["train.compile=true", "distributed.zero_stage=3"], "train.compile"),
+        (["train.compile=true", "train.compile_backend=nope"], "train.compile_backend"),
+    ],
+    "distributed": [
+        (["distributed.num_workers=0"], "distributed.num_workers"),
+        (["distributed.zero_stage=4"], "distributed.zero_stage"),
+        (["distributed.cpus_per_worker=0"], "distributed.cpus_per_worker"),
+        (["distributed.gpus_per_worker=0"], "distributed.gpus_per_worker"),
+        (["distributed.max_failures=-2"], "distributed.max_failures"),
+        (["distributed.fail_rank=1"], "distributed.fail_rank"),
+        (["distributed.storage_path="], "distributed.storage_path"),
+    ],
+    "tune": [
+        (["tune.num_samples=0"], "tune.num_samples"),
+        (["tune.max_concurrent=0"], "tune.max_concurrent"),
+        (["tune.grace_period=0"], "tune.grace_period"),
+        (["tune.reduction_factor=1"], "tune.reduction_factor"),
+        (["tune.mode=best"], "tune.mode"),
+    ],
+    "logging": [(["logging.wandb_mode=sometimes"], "logging.wandb_mode")],
+}
+
+
+def test_every_config_section_has_validate_cases():
+    hints = typing.get_type_hints(Config)
+    sections = {name for name, tp in hints.items() if dataclasses.is_dataclass(tp)}
+    assert set(VALIDATE_CASES) == {"", *sections}  # "": the top-level keys
+
+
+@pytest.mark.parametrize(
+    ("overrides", "key"),
+    [case for cases in VALIDATE_CASES.values() for case in cases],
+    ids=[" ".join(o) for cases in VALIDATE_CASES.values() for o, _ in cases],
+)
+def test_validate_error_starts_with_the_key(overrides, key):
+    with pytest.raises(ValueError) as e:
+        load_config("digits", overrides)
+    assert re.match(rf"{re.escape(key)}[:\[]", str(e.value)), str(e.value)
