@@ -61,6 +61,7 @@ from nitro_dist import loop
 from nitro_dist.build import build_run, models_of
 from nitro_dist.config import Config, get_key, load_config, to_dict, with_values
 from nitro_dist.diffusion import shifted
+from nitro_dist.discriminator.pool import refresh_ids, sample_active
 
 # ---------------------------------------------------------------------------------------------
 # the key table
@@ -843,3 +844,44 @@ def test_probe_is_deterministic(probe, context, paths, tmp_path, tmp_path_factor
     base = base_fingerprint(probe, context, paths, tmp_path_factory)
     again = fingerprint(probe, config_of(probe, context, paths), tmp_path)
     assert diff(base, again) == [], {k: (base.get(k), again.get(k)) for k in diff(base, again)}
+
+
+def swept_values() -> list[tuple[str, str, Any]]:
+    """(preset, key, value) for every grid/choice value of every preset's Tune search space."""
+    from nitro_dist.config import CONFIG_DIR
+    from nitro_dist.tune import candidate_values
+
+    out = []
+    for path in sorted(CONFIG_DIR.glob("*.yaml")):
+        for key, spec in load_config(str(path)).tune.search_space.items():
+            domain, values = candidate_values(key, spec)
+            for v in values if domain in ("grid", "choice") else values[:1]:
+                out.append((path.stem, key, v))
+    return out
+
+
+@pytest.mark.parametrize("preset,key,value", swept_values())
+def test_every_swept_value_changes_what_is_built(preset, key, value, paths, tmp_path_factory):
+    """A Tune sweep compares trials that differ in what they build: every value a preset's
+    search space sweeps gives its key's probe a fingerprint of its own (the classic bug is a
+    swept key the code ignores: every trial would then train the same thing)."""
+    case = KEYS[key]
+    cfg = config_of(case.probe, case.context, paths, {key: value})
+    got = fingerprint(case.probe, cfg, tmp_path_factory.mktemp("swept"))
+    assert "error" not in got, got
+    # a rate or a probability may leave one probed iteration alone: the pool's schedule over
+    # a sweep's horizon (the production draws on the layout the run builds) shows it
+    run = build(cfg)
+    got["schedule"] = [
+        (sample_active(run.layout, cfg.seed, it, cfg.pool.heads_per_slot).head_ids,
+         refresh_ids(run.layout, cfg.seed, it, cfg.pool.refresh_rate))
+        for it in range(SWEEP_HORIZON)
+    ]  # fmt: skip
+    _SWEPT.setdefault((preset, key), {})[json.dumps(value)] = got
+    seen = _SWEPT[(preset, key)]
+    others = [v for v, fp in seen.items() if v != json.dumps(value) and fp == got]
+    assert not others, f"{preset}: {key}={value!r} builds the same as {key}={others[0]}"
+
+
+_SWEPT: dict[tuple[str, str], dict[str, dict[str, Any]]] = {}
+SWEEP_HORIZON = 200  # iterations (the digits sweep's ASHA grace period)

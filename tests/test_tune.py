@@ -1,6 +1,7 @@
-"""Ray Tune sweeps: every swept key really changes the built config (the classic bug is a key
-that is silently ignored), bad spaces are named, and a small sweep runs, resumes and writes
-its table, plot and best config."""
+"""Ray Tune sweeps: every swept value reaches the trial's config and its workers (that each one
+changes what is built is tests/test_config_live.py::test_every_swept_value_changes_what_is_built),
+bad spaces are named, and a small sweep runs, resumes and writes its table, plot and best
+config."""
 
 import csv
 import json
@@ -21,7 +22,7 @@ def presets_with_a_space():
 
 
 @pytest.mark.parametrize("cfg", presets_with_a_space(), ids=lambda c: c.run_name)
-def test_every_swept_key_changes_the_built_config(cfg):
+def test_every_swept_value_reaches_the_trial_config(cfg):
     check_space(cfg)
     for key, spec in cfg.tune.search_space.items():
         domain, values = candidate_values(key, spec)
