@@ -1,5 +1,10 @@
 """Shared fixtures. OMP threads sleep instead of spinning: on 2 cores, spinning OpenMP workers of
-two processes (a test and a Ray worker, say) slow each other down by orders of magnitude."""
+two processes (a test and a Ray worker, say) slow each other down by orders of magnitude.
+
+One S3 server (moto's) and one local Ray cluster serve the whole session; the tests that use the
+cluster run last, as one block, so that Ray's processes only run while they are needed (and
+test_ray_job's own `ray start` cluster, whose `ray stop` ends every Ray process on the machine,
+runs before it starts)."""
 
 import os
 
@@ -11,6 +16,26 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from nitro_dist.config import load_config  # noqa: E402
+
+
+def _ray_block(item: pytest.Item) -> int:
+    """0: runs first; 1: starts its own Ray (test_ray_job); 2: uses the session cluster."""
+    if "cluster" in item.fixturenames:
+        return 2
+    return 1 if item.get_closest_marker("ray") else 0
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects: the ray marker added here counts
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if "cluster" in item.fixturenames:  # `-m "not ray"` never starts the cluster
+            item.add_marker(pytest.mark.ray)
+    if not torch.cuda.is_available():
+        skip = pytest.mark.skip(reason="needs a CUDA device")
+        for item in items:
+            if item.get_closest_marker("gpu"):
+                item.add_marker(skip)
+    items.sort(key=_ray_block)  # stable: file order within each block
 
 
 @pytest.fixture(autouse=True)
@@ -55,10 +80,10 @@ def short_digits_run(tmp_path_factory):
     return out
 
 
-@pytest.fixture(scope="module")
-def s3_endpoint():
-    """A real S3-compatible server (moto's) on 127.0.0.1 with bucket ``nitro-test``; the AWS_*
-    variables point s3fs (and processes started meanwhile, e.g. Ray workers) at it."""
+@pytest.fixture(scope="session")
+def s3_server():
+    """A real S3-compatible server (moto's) on 127.0.0.1 for the session; the AWS_* variables
+    point s3fs (and processes started meanwhile, e.g. Ray workers) at it."""
     moto_server = pytest.importorskip("moto.server")
     srv = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0)
     srv.start()
@@ -71,16 +96,6 @@ def s3_endpoint():
     }
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
-    import urllib.request
-
-    import s3fs
-
-    # moto keeps its state per process: start every module from an empty server
-    urllib.request.urlopen(
-        urllib.request.Request(f"{env['AWS_ENDPOINT_URL']}/moto-api/reset", method="POST")
-    ).close()
-    s3fs.S3FileSystem.clear_instance_cache()
-    s3fs.S3FileSystem().mkdir("nitro-test")
     try:
         yield env["AWS_ENDPOINT_URL"]
     finally:
@@ -90,14 +105,40 @@ def s3_endpoint():
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
-        s3fs.S3FileSystem.clear_instance_cache()
 
 
 @pytest.fixture(scope="module")
-def cluster(s3_endpoint):  # the S3 server first: Ray workers inherit its AWS_* variables
-    """A local Ray for the module's training runs (dashboard on 127.0.0.1: Train V2 uses its
-    state API)."""
+def s3_endpoint(s3_server):
+    """The session's S3 server, emptied for this module, with bucket ``nitro-test``."""
+    import urllib.request
+
+    import s3fs
+
+    # moto keeps its state per process: start every module from an empty server
+    urllib.request.urlopen(
+        urllib.request.Request(f"{s3_server}/moto-api/reset", method="POST")
+    ).close()
+    s3fs.S3FileSystem.clear_instance_cache()
+    s3fs.S3FileSystem().mkdir("nitro-test")
+    try:
+        yield s3_server
+    finally:
+        s3fs.S3FileSystem.clear_instance_cache()
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(s3_server):  # the S3 server first: Ray workers inherit its AWS_* variables
+    """One local Ray for every in-process Ray test of the session (dashboard on 127.0.0.1: Train
+    V2 uses its state API)."""
     ray = pytest.importorskip("ray")
-    ray.init(num_cpus=4, dashboard_host="127.0.0.1", include_dashboard=True)
+    assert not ray.is_initialized()
+    # "local": a new instance even when a `ray start` cluster runs on this machine
+    ray.init(address="local", num_cpus=4, dashboard_host="127.0.0.1", include_dashboard=True)
     yield
     ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def cluster(ray_cluster, s3_endpoint):
+    """The session's Ray cluster, with the module's (empty) S3 bucket."""
+    yield

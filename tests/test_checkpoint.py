@@ -2,12 +2,14 @@ import json
 import subprocess
 import sys
 
+import pytest
 import torch
 from diffusers import UNet2DConditionModel
 from PIL import Image
 from safetensors.torch import load_file
 
 from nitro_dist import checkpoint_layout as checkpoint
+from nitro_dist.config import load_config
 from nitro_dist.loop import train
 
 
@@ -15,9 +17,15 @@ def _weights(folder):
     return load_file(str(folder / "generator" / "diffusion_pytorch_model.safetensors"))
 
 
-def test_run_dir_layout_and_exact_resume(tiny_cfg, tmp_path):
-    straight = tmp_path / "straight"
-    train(tiny_cfg("train.iterations=4", "train.checkpoint_every=0"), straight)
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+    """The tiny config trained for 4 iterations in one go: a run folder, read-only for users."""
+    out = tmp_path_factory.mktemp("straight")
+    train(load_config("tiny", ["train.iterations=4", "train.checkpoint_every=0"]), out)
+    return out
+
+
+def test_run_dir_layout_and_exact_resume(tiny_cfg, tmp_path, straight):
     split = tmp_path / "split"
     train(tiny_cfg("train.iterations=2", "train.checkpoint_every=0"), split)
     first = checkpoint.latest(split / "checkpoints")
@@ -67,15 +75,13 @@ def test_keep_checkpoints_prunes_old_ones(tiny_cfg, tmp_path):
     assert not list((tmp_path / "checkpoints").glob(".tmp-*"))
 
 
-def test_sample_cli_same_seed_same_pixels(tiny_cfg, tmp_path):
-    run = tmp_path / "run"
-    train(tiny_cfg("train.iterations=1"), run)
+def test_sample_cli_same_seed_same_pixels(tmp_path, straight, capsys):
+    from nitro_dist.sample import main
+
+    run = straight
     outs = []
     for name in ("a", "b"):
-        cmd = [
-            sys.executable,
-            "-m",
-            "nitro_dist.sample",
+        args = [
             "--checkpoint",
             str(run),
             "--prompt",
@@ -89,25 +95,18 @@ def test_sample_cli_same_seed_same_pixels(tiny_cfg, tmp_path):
             "--out",
             str(tmp_path / name),
         ]
-        subprocess.run(cmd, check=True, capture_output=True)
+        if name == "a":  # the command as users run it
+            cmd = [sys.executable, "-m", "nitro_dist.sample", *args]
+            subprocess.run(cmd, check=True, capture_output=True)
+        else:  # and again in this process: another process, the same pixels
+            assert main(args) == 0
         outs.append(sorted((tmp_path / name).glob("*.png")))
     assert [p.name for p in outs[0]] == ["seed000005_2step.png", "seed000006_2step.png"]
     for p, q in zip(*outs, strict=True):
         assert Image.open(p).tobytes() == Image.open(q).tobytes()
     assert Image.open(outs[0][0]).tobytes() != Image.open(outs[0][1]).tobytes()
-    bad = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "nitro_dist.sample",
-            "--checkpoint",
-            str(tmp_path / "nope"),
-            "--prompt",
-            "x",
-            "--out",
-            str(tmp_path / "c"),
-        ],
-        capture_output=True,
-        text=True,
+    # the exit code and message of a missing checkpoint (in this process: no second start-up)
+    bad = main(
+        ["--checkpoint", str(tmp_path / "nope"), "--prompt", "x", "--out", str(tmp_path / "c")]
     )
-    assert bad.returncode == 2 and "no checkpoint found" in bad.stderr
+    assert bad == 2 and "no checkpoint found" in capsys.readouterr().err

@@ -3,9 +3,13 @@ score with a local (tiny, random) CLIP model, and clear errors for what is missi
 
 import csv
 
+import numpy as np
 import pytest
+import torch
+from PIL import Image
 from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
 
+from nitro_dist.digits.data import PROMPTS
 from nitro_dist.eval import main
 from nitro_dist.models.tokenizer import clip_tokenizer
 
@@ -18,6 +22,7 @@ def run_dir(short_digits_run):
 @pytest.fixture(scope="module")
 def tiny_clip(tmp_path_factory):
     path = tmp_path_factory.mktemp("clip")
+    torch.manual_seed(0)  # the same random CLIP whichever tests ran before
     config = CLIPConfig(
         text_config={
             "hidden_size": 32,
@@ -64,9 +69,48 @@ def test_digits_table_grids_and_clip_score(run_dir, tiny_clip, tmp_path):
     assert [r["steps"] for r in rows] == ["1", "4"]
     for r in rows:
         assert float(r["fid_digits"]) > 0 and 0 <= float(r["alignment"]) <= 1
-        assert float(r["clip_score"]) >= 0
     assert "| steps |" in (out / "eval.md").read_text()
     assert (out / "grid_1step.png").exists() and (out / "grid_4step.png").exists()
+    # the CLIP score by hand, from the images of the grids (the 60 scored images, 8 per row)
+    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(60)]
+    for r in rows:
+        images = grid_images(out / f"grid_{r['steps']}step.png", 60, side=8, per_row=8)
+        cos = clip_cosines(tiny_clip, images, prompts)
+        expected = float((100 * cos).clamp(min=0).mean())
+        assert expected > 0
+        assert float(r["clip_score"]) == pytest.approx(expected, rel=1e-4, abs=1e-4)
+        # image i is scored against prompt i: another pairing gives another score
+        shifted = clip_cosines(tiny_clip, images, prompts[1:] + prompts[:1])
+        assert abs(float((100 * shifted).clamp(min=0).mean()) - expected) > 1e-3
+
+
+def grid_images(path, n: int, side: int, per_row: int, pad: int = 1) -> np.ndarray:
+    """The ``n`` uint8 images (N x side x side) of a grid saved by images.save_grid, which
+    scales the grid up (nearest) to 64 pixels per image."""
+    grid = np.asarray(Image.open(path))
+    scale = 64 // side
+    canvas = grid[::scale, ::scale]
+    out = []
+    for i in range(n):
+        r, c = divmod(i, per_row)
+        y, x = pad + r * (side + pad), pad + c * (side + pad)
+        out.append(canvas[y : y + side, x : x + side])
+    return np.stack(out)
+
+
+@torch.no_grad()
+def clip_cosines(model_path, images: np.ndarray, prompts: list[str]) -> torch.Tensor:
+    """Cosine of CLIP's projected image and text embeddings, per (grey image, prompt) pair."""
+    model = CLIPModel.from_pretrained(model_path).eval()
+    processor = CLIPProcessor.from_pretrained(model_path)
+    rgb = [np.repeat(a[..., None], 3, axis=-1) for a in images]
+    inputs = processor(text=prompts, images=rgb, return_tensors="pt", padding=True)
+    img = model.visual_projection(model.vision_model(inputs["pixel_values"]).pooler_output)
+    txt = model.text_projection(
+        model.text_model(inputs["input_ids"], inputs["attention_mask"]).pooler_output
+    )
+    img, txt = img / img.norm(dim=-1, keepdim=True), txt / txt.norm(dim=-1, keepdim=True)
+    return (img * txt).sum(-1)
 
 
 def test_missing_pieces_are_clear_errors(run_dir, tmp_path, capsys):

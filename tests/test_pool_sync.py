@@ -1,6 +1,8 @@
 """The sharded pool protocol on CPU with gloo: W=1 and W=2 from the same seed and global batch
 give the same generator and the same pool, with the collectives overlapped (bucketed gradient
-all-reduce started from backward hooks) and blocking; each of 2 ranks holds about half the pool."""
+all-reduce started from backward hooks) and blocking; each of 2 ranks holds about half the pool.
+The W=2 ranks are parallelised as Ray Train workers are (``distributed.parallel.parallelize``:
+the sharded pool, G under DeepSpeed averaging its gradients); W=1 is the plain one-process run."""
 
 import os
 
@@ -13,8 +15,7 @@ from safetensors.torch import load_file, save_file
 from nitro_dist.build import build_run
 from nitro_dist.config import load_config
 from nitro_dist.discriminator.pool import sample_active
-from nitro_dist.distributed.g_update import TorchUpdate
-from nitro_dist.distributed.parallel import free_port
+from nitro_dist.distributed.parallel import free_port, parallelize
 from nitro_dist.distributed.pool_sync import ShardedPool
 from nitro_dist.step import train_step
 
@@ -39,8 +40,11 @@ def run_rank(rank: int, world: int, out: str, variant: str = "") -> dict:
 def _run_rank(rank: int, world: int, out: str, variant: str) -> dict:
     cfg = load_config("tiny", OVERRIDES + VARIANTS.get(variant, []))
     run = build_run(cfg, rank=rank, world_size=world, owned_heads=[], progress=False)
-    run.g = TorchUpdate(run.models.student, cfg, world_size=world)  # G's plain-torch update
-    run.pool = ShardedPool(run.layout, cfg.pool, cfg.seed, rank, world)
+    if world == 1:  # the reference: one process, plain AdamW for G, nothing to average
+        run.pool = ShardedPool(run.layout, cfg.pool, cfg.seed, rank, world)
+    else:  # what a Ray Train worker does: ShardedPool, G under DeepSpeed (ZeRO 0)
+        parallelize(run, rank, world)
+        assert type(run.g).__name__ == "DeepSpeedUpdate" and run.g.stage == 0
     early = 0
     for it in range(ITERS):
         train_step(run, it)
@@ -62,9 +66,11 @@ def _run_rank(rank: int, world: int, out: str, variant: str) -> dict:
 
 def _worker(rank: int, world: int, port: int, out: str) -> None:
     os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
-    dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
-    )
+    # the launcher's variables, as Ray Train sets them (DeepSpeed reads them)
+    env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank)}
+    env.update(LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_SIZE=str(world))
+    os.environ.update(env)
+    dist.init_process_group("gloo", init_method="env://", rank=rank, world_size=world)
     try:
         for variant in VARIANTS:
             info = run_rank(rank, world, out, variant)

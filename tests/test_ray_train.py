@@ -92,22 +92,32 @@ def test_w1_and_w2_zero1_give_the_same_generator_and_pool(reference):
     assert latest(run_dir) == ck
 
 
-def test_exact_resume_rerun_same_name_zero2(reference):
-    tmp, ref = reference
-    first = run(
-        tmp, "split", "distributed.num_workers=2", "distributed.zero_stage=2", "train.iterations=2"
-    )
-    assert Path(first["checkpoint"]).name == "iter_000002"
-    again = run(tmp, "split", "distributed.num_workers=2", "distributed.zero_stage=2")
+SPLIT = ["distributed.num_workers=2", "distributed.zero_stage=2"]
+
+
+@pytest.fixture(scope="module")
+def half_w2(cluster, tmp_path_factory):
+    """The first 2 of the 4 iterations, W=2 ZeRO-2, as run "split": (storage, its checkpoint).
+    Users only add checkpoints after it (a rerun of "split") or read it."""
+    tmp = tmp_path_factory.mktemp("split")
+    first = run(tmp, "split", *SPLIT, "train.iterations=2")
+    return tmp, Path(first["checkpoint"])
+
+
+def test_exact_resume_rerun_same_name_zero2(reference, half_w2):
+    _, ref = reference
+    tmp, first = half_w2
+    assert first.name == "iter_000002"
+    again = run(tmp, "split", *SPLIT)
     assert_same(ref, Path(again["checkpoint"]))
     state = json.loads((Path(again["checkpoint"]) / "deepspeed" / "engine.json").read_text())
     assert state["zero_stage"] == 2 and state["global_steps"] == 4
 
 
-def test_elastic_resume_w2_checkpoint_on_w1(reference):
+def test_elastic_resume_w2_checkpoint_on_w1(reference, half_w2):
     tmp, ref = reference
-    w2_ckpt = tmp / "split" / "iter_000002"
-    assert w2_ckpt.exists()
+    _, w2_ckpt = half_w2
+    assert w2_ckpt.name == "iter_000002" and w2_ckpt.exists()
     out = run(tmp, "elastic", "distributed.num_workers=1", resume=str(w2_ckpt))
     assert_same(ref, Path(out["checkpoint"]))
 

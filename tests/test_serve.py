@@ -35,15 +35,13 @@ def run_dir(short_digits_run):
 
 
 @pytest.fixture(scope="module")
-def base_url(run_dir, s3_endpoint):  # S3 first: Ray's processes inherit its AWS_* variables
-    import ray
+def base_url(run_dir, cluster):  # the session's Ray, with the module's S3 bucket
     import s3fs
 
     from nitro_dist.serve import app
 
     s3fs.S3FileSystem().put(str(run_dir / "checkpoints"), "nitro-test/served", recursive=True)
     port = free_port()
-    ray.init(num_cpus=4, include_dashboard=False)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         common = {"batch_wait_ms": "20", "device": "cpu"}
@@ -57,8 +55,7 @@ def base_url(run_dir, s3_endpoint):  # S3 first: Ray's processes inherit its AWS
         )
         yield f"http://127.0.0.1:{port}"
     finally:
-        serve.shutdown()
-        ray.shutdown()
+        serve.shutdown()  # Ray itself stays up for the session's other tests
 
 
 def post(url: str, body, timeout: float = 60) -> tuple[int, Any, bytes]:

@@ -1,7 +1,10 @@
+import math
+
 import torch
 
 from nitro_dist.build import build_run
 from nitro_dist.discriminator.backbone import backbone_features, level_shapes
+from nitro_dist.discriminator.pool import init_head_, refresh_ids, sample_active
 from nitro_dist.step import enabled_steps, train_step
 
 
@@ -71,17 +74,76 @@ def test_iteration_changes_generator_and_only_active_heads(tiny_cfg):
         assert changed == (hid in draw.head_ids), hid
 
 
+def _params(module: torch.nn.Module) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in module.parameters()]
+
+
+def _changed(before: list[torch.Tensor], module: torch.nn.Module) -> bool:
+    return any(not torch.equal(a, b) for a, b in zip(before, module.parameters(), strict=True))
+
+
+def _head_steps(run, hid: int) -> set[int]:
+    """AdamW steps each parameter of head ``hid`` has taken (0: no optimizer state)."""
+    state = run.pool.optimizer.state
+    return {int(state[p]["step"]) if p in state else 0 for p in run.pool.head(hid).parameters()}
+
+
+def _check_step(run, iteration: int, metrics: dict, g_before, heads_before, d_steps: int):
+    """After ``train_step(run, iteration)``: finite losses, G moved, the teacher did not; every
+    active head took ``d_steps`` AdamW steps, every other head is untouched, and the heads the
+    refresh schedule drew were re-initialised (keyed weights, no optimizer state)."""
+    cfg = run.cfg
+    for key in ("g_loss", "d_loss", "g_grad_norm", "d_acc_real", "d_acc_fake"):
+        assert math.isfinite(metrics[key]), (key, metrics[key])
+    assert metrics["d_loss"] > 0 and 0 <= metrics["d_acc_real"] <= 1
+    assert _changed(g_before, run.models.student)
+    draw = sample_active(run.layout, cfg.seed, iteration, cfg.pool.heads_per_slot)
+    refreshed = refresh_ids(run.layout, cfg.seed, iteration, cfg.pool.refresh_rate)
+    assert metrics["active_heads"] == len(draw.head_ids) > 0
+    assert metrics["refreshed_heads"] == len(refreshed)
+    for hid, before in heads_before.items():
+        head = run.pool.head(hid)
+        if hid in refreshed:
+            fresh = run.layout.build_head(hid)
+            init_head_(fresh, cfg.seed, iteration, hid)
+            for a, b in zip(fresh.parameters(), head.parameters(), strict=True):
+                assert torch.equal(a, b), hid
+            assert _head_steps(run, hid) == {0}, hid
+        elif hid in draw.head_ids:
+            assert _changed(before, head), hid
+            assert _head_steps(run, hid) == {d_steps}, hid
+        else:
+            assert not _changed(before, head), hid
+            assert _head_steps(run, hid) == {0}, hid
+
+
 def test_static_single_head_ablation(tiny_cfg):
+    """One candidate per slot: every slot of the drawn bucket trains its only head, always the
+    same one."""
     cfg = tiny_cfg("pool.candidates=1", "pool.refresh_rate=0.0")
     run = build_run(cfg, progress=False)
     assert run.layout.num_heads == run.layout.num_slots
-    train_step(run, 0)
+    g_before = _params(run.models.student)
+    heads_before = {h: _params(run.pool.head(h)) for h in run.pool.owned}
+    m = train_step(run, 0)
+    draw = sample_active(run.layout, cfg.seed, 0, cfg.pool.heads_per_slot)
+    assert list(draw.head_ids) == run.layout.slots_of_bucket(draw.bucket)
+    _check_step(run, 0, m, g_before, heads_before, d_steps=1)
 
 
 def test_two_d_steps_per_g_step(tiny_cfg):
-    run = build_run(tiny_cfg("optim.d_steps_per_g_step=2"), progress=False)
+    """Each active head takes two AdamW steps per iteration (G one); a refresh rate that draws
+    some heads at iteration 0 re-initialises exactly those."""
+    cfg = tiny_cfg("optim.d_steps_per_g_step=2", "pool.refresh_rate=0.3")
+    run = build_run(cfg, progress=False)
+    g_before = _params(run.models.student)
+    heads_before = {h: _params(run.pool.head(h)) for h in run.pool.owned}
     m = train_step(run, 0)
-    assert m["d_loss"] > 0
+    draw = sample_active(run.layout, cfg.seed, 0, cfg.pool.heads_per_slot)
+    refreshed = refresh_ids(run.layout, cfg.seed, 0, cfg.pool.refresh_rate)
+    assert refreshed and set(draw.head_ids) - set(refreshed)  # both kinds of head are checked
+    _check_step(run, 0, m, g_before, heads_before, d_steps=2)
+    assert run.g.optimizer.state[next(run.models.student.parameters())]["step"] == 1
 
 
 def test_gradient_accumulation_matches_the_full_batch(tiny_cfg):
