@@ -1,8 +1,7 @@
 """The sharded pool protocol on CPU with gloo: W=1 and W=2 from the same seed and global batch
 give the same generator and the same pool, with the collectives overlapped (bucketed gradient
 all-reduce started from backward hooks) and blocking; each of 2 ranks holds about half the pool.
-The W=2 ranks are parallelised as Ray Train workers are (``distributed.parallel.parallelize``:
-the sharded pool, G under DeepSpeed averaging its gradients); W=1 is the plain one-process run."""
+G's update is the production ``TorchUpdate``, which averages G's gradients over the ranks."""
 
 import os
 
@@ -15,7 +14,8 @@ from safetensors.torch import load_file, save_file
 from nitro_dist.build import build_run
 from nitro_dist.config import load_config
 from nitro_dist.discriminator.pool import sample_active
-from nitro_dist.distributed.parallel import free_port, parallelize
+from nitro_dist.distributed.g_update import TorchUpdate
+from nitro_dist.distributed.parallel import free_port
 from nitro_dist.distributed.pool_sync import ShardedPool
 from nitro_dist.step import train_step
 
@@ -40,11 +40,10 @@ def run_rank(rank: int, world: int, out: str, variant: str = "") -> dict:
 def _run_rank(rank: int, world: int, out: str, variant: str) -> dict:
     cfg = load_config("tiny", OVERRIDES + VARIANTS.get(variant, []))
     run = build_run(cfg, rank=rank, world_size=world, owned_heads=[], progress=False)
-    if world == 1:  # the reference: one process, plain AdamW for G, nothing to average
-        run.pool = ShardedPool(run.layout, cfg.pool, cfg.seed, rank, world)
-    else:  # what a Ray Train worker does: ShardedPool, G under DeepSpeed (ZeRO 0)
-        parallelize(run, rank, world)
-        assert type(run.g).__name__ == "DeepSpeedUpdate" and run.g.stage == 0
+    run.pool = ShardedPool(run.layout, cfg.pool, cfg.seed, rank, world)
+    # G's plain-torch update rule: on W=2 it averages G's gradients over the process group
+    # itself (the DeepSpeed rule's W=1 == W=2 is tests/test_ray_train.py's)
+    run.g = TorchUpdate(run.models.student, cfg, world_size=world)
     early = 0
     for it in range(ITERS):
         train_step(run, it)
@@ -104,8 +103,8 @@ def test_w1_and_w2_give_the_same_generator_and_pool(runs, variant):
         **load_file(os.path.join(out, f"heads_w2{variant}_r1.safetensors")),
     }
     assert h1.keys() == h2.keys()  # every head owned exactly once across the two ranks
-    for k in h1:
-        torch.testing.assert_close(h1[k], h2[k], rtol=0, atol=2e-5)
+    for k in h1:  # float-order noise grows with the head's values (lr 2e-3): relative part too
+        torch.testing.assert_close(h1[k], h2[k], rtol=1e-4, atol=2e-5)
     early = [t["early"] for t in two[variant]]
     if variant == "overlap":  # most buckets left from backward hooks, on both ranks
         assert min(early) >= ITERS * 5, early
