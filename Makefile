@@ -1,13 +1,14 @@
 # Two commands do all the set-up on a fresh machine:
 #   make train   - create .venv, install, run the digits distillation (CPU, minutes)
 #   make test    - create .venv, install, run the test suite
-# (make lint: ruff and mypy; .ci/run runs it before the tests)
+#   make test-fast - the tests that are neither slow nor need Ray (under 2 minutes): the edit loop
+#   make lint      - ruff and mypy (.ci/run runs it before the tests)
 VENV ?= .venv
 PY := $(VENV)/bin/python
 export OMP_WAIT_POLICY ?= PASSIVE
 export WANDB_MODE ?= offline
 
-.PHONY: setup train test lint
+.PHONY: setup train test test-fast lint
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
@@ -23,6 +24,9 @@ train: setup
 
 test: setup
 	$(PY) -m pytest -q
+
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow and not ray"
 
 lint: setup
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .

@@ -12,6 +12,8 @@ from nitro_dist import checkpoint_layout as checkpoint
 from nitro_dist.config import load_config
 from nitro_dist.loop import train
 
+pytestmark = pytest.mark.slow  # tiny training runs and a CLI process
+
 
 def _weights(folder):
     return load_file(str(folder / "generator" / "diffusion_pytorch_model.safetensors"))

@@ -67,6 +67,9 @@ from nitro_dist.discriminator.pool import refresh_ids, sample_active
 # the key table
 
 
+pytestmark = pytest.mark.slow  # ~100 builds and short runs: make test runs it, test-fast not
+
+
 @dataclass(frozen=True)
 class Case:
     value: Any  # the changed value; strings may name fixture paths: "{shards_a}"

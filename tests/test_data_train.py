@@ -18,6 +18,8 @@ from nitro_dist.distributed.ray_train import launch
 from nitro_dist.prepare import prepare
 from nitro_dist.train import main
 
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
 PROMPTS, PAIRS = "s3://nitro-test/digits-prompts", "s3://nitro-test/digits-pairs"
 
 

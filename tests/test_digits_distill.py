@@ -1,6 +1,7 @@
 """The algorithm learns: a short distillation of the shipped digits teacher beats the teacher's
 own 1-step sample quality (FID-digits on the shipped metric net), with a real margin."""
 
+import pytest
 import torch
 
 from nitro_dist.build import build_run
@@ -13,6 +14,7 @@ from nitro_dist.step import train_step
 from nitro_dist.tasks import EVAL_SEED_OFFSET
 
 
+@pytest.mark.slow
 def test_short_distillation_beats_teacher_at_one_step():
     cfg = load_config(
         "digits",

@@ -47,6 +47,7 @@ def tiny_clip(tmp_path_factory):
     return path
 
 
+@pytest.mark.slow
 def test_digits_table_grids_and_clip_score(run_dir, tiny_clip, tmp_path):
     out = tmp_path / "eval"
     code = main(
@@ -113,6 +114,7 @@ def clip_cosines(model_path, images: np.ndarray, prompts: list[str]) -> torch.Te
     return (img * txt).sum(-1)
 
 
+@pytest.mark.slow
 def test_missing_pieces_are_clear_errors(run_dir, tmp_path, capsys):
     assert main(["--checkpoint", str(tmp_path / "nothing"), "--steps", "1"]) == 2
     assert "no checkpoint found" in capsys.readouterr().err
@@ -157,6 +159,7 @@ def test_missing_pieces_are_clear_errors(run_dir, tmp_path, capsys):
         assert "clean-fid" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_generation_spread_over_ray_tasks_matches_local(run_dir, cluster, tmp_path):
     """--workers 2: two Ray tasks generate interleaved halves; same seeds -> same table."""
     local, spread = tmp_path / "local", tmp_path / "spread"

@@ -1,8 +1,11 @@
 import json
 
+import pytest
+
 from nitro_dist.loop import train
 
 
+@pytest.mark.slow
 def test_wandb_offline_run_and_metrics_file(tiny_cfg, tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")

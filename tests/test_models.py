@@ -1,5 +1,6 @@
 """Building models from a diffusers folder on disk (what real SDXL/DMD2 weights look like)."""
 
+import pytest
 import torch
 from diffusers import DDPMScheduler
 
@@ -35,6 +36,7 @@ def test_sdxl_folder_loads_with_both_encoders_and_vae(tmp_path):
     assert not any(p.requires_grad for p in m.teacher.parameters())
 
 
+@pytest.mark.slow
 def test_train_and_generate_from_a_diffusers_folder_with_vae(tmp_path, tiny_cfg):
     write_sdxl_folder(tmp_path / "model")
     cfg = tiny_cfg(

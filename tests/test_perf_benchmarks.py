@@ -10,7 +10,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.slow  # each starts Python processes that import torch
 
 
 def run(args: list[str], timeout: int = 300) -> str:

@@ -115,6 +115,7 @@ SETTINGS = (  # every term of the count: teacher (online, CFG), checkpointing, a
 )  # fmt: skip
 
 
+@pytest.mark.slow
 def test_meta_flop_count_equals_real_iterations(tiny_cfg):
     """MFU's FLOPs come from the iteration's code run on meta tensors (no device memory). They must
     equal torch's count of real iterations, on several draws (the backward simulation's k
@@ -215,6 +216,7 @@ for name, extra in (("eager", []), ("compiled", ["train.compile=true",
 """
 
 
+@pytest.mark.slow
 def test_bf16_and_compile_under_deepspeed_keep_fp32_weights_and_train():
     """precision=bf16 under DeepSpeed: autocast inside the engine (its torch_autocast section)
     over fp32 master weights. DeepSpeed's own bf16 section had cast G to bf16 while the

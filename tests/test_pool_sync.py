@@ -90,6 +90,7 @@ def runs(tmp_path_factory):
     return out, one, two
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_w1_and_w2_give_the_same_generator_and_pool(runs, variant):
     out, _, two = runs
@@ -112,6 +113,7 @@ def test_w1_and_w2_give_the_same_generator_and_pool(runs, variant):
         assert early == [0, 0]
 
 
+@pytest.mark.slow
 def test_each_of_two_ranks_holds_about_half_the_pool(runs):
     _, one, two = runs
     assert sum(t["owned"] for t in two["blocking"]) == one["owned"]

@@ -48,6 +48,8 @@ def head(tmp_path):
         subprocess.run([str(BIN / "ray"), "stop", "--force"], env=env, timeout=180)
 
 
+@pytest.mark.ray  # its own cluster: runs before the session one starts (conftest)
+@pytest.mark.slow
 def test_ray_job_submit_trains_the_digits_task(head, tmp_path):
     env, address = head
     job = [

@@ -19,6 +19,7 @@ from nitro_dist.distributed.ray_train import launch
 from nitro_dist.train import main
 
 ray = pytest.importorskip("ray")
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 # fp32 on CPU: only reduction orders differ (ZeRO partitions, 2 ranks, micro-batches); the heads'
 # AdamW turns tiny gradient differences into up to ~4e-5 after its first steps

@@ -77,6 +77,7 @@ def images_of(body: bytes) -> list[bytes]:
     return [base64.b64decode(s) for s in json.loads(body)["images"]]
 
 
+@pytest.mark.slow
 def test_run_jobs_groups_by_steps_and_size_and_keeps_order(run_dir):
     gen = Generator.from_checkpoint(run_dir)
     jobs = [
@@ -95,6 +96,7 @@ def test_run_jobs_groups_by_steps_and_size_and_keeps_order(run_dir):
     assert Image.open(io.BytesIO(together[2].pngs[0])).size == (16, 16)
 
 
+@pytest.mark.slow
 def test_right_digit_comes_out(base_url):
     images, labels = [], []
     for d in list(range(10)) * 2:
@@ -126,6 +128,7 @@ def test_right_digit_comes_out(base_url):
     assert Image.open(io.BytesIO(body)).size == (24, 8)
 
 
+@pytest.mark.slow
 def test_same_seed_same_image_and_same_as_the_sampler(base_url, run_dir):
     req = {"prompt": PROMPTS[4], "steps": 2, "seed": 1234}
     a = images_of(post(f"{base_url}/v1/images", req)[2])[0]
@@ -167,6 +170,7 @@ BAD = [
 ]
 
 
+@pytest.mark.slow
 def test_bad_input_is_4xx_naming_the_field_and_the_server_keeps_serving(base_url):
     for body, code, field in BAD:
         status, _, out = post(f"{base_url}/v1/images", body)
@@ -186,6 +190,7 @@ def test_bad_input_is_4xx_naming_the_field_and_the_server_keeps_serving(base_url
     assert health["status"] == "ok" and health["limits"]["native"] == 8
 
 
+@pytest.mark.slow
 def test_overload_burst_gets_503_and_no_other_5xx(base_url):
     body = {"prompt": PROMPTS[8], "steps": 4, "num_images": 8, "seed": 0}
     with ThreadPoolExecutor(24) as pool:
@@ -198,6 +203,7 @@ def test_overload_burst_gets_503_and_no_other_5xx(base_url):
     assert post(f"{base_url}/busy/v1/images", body)[0] == 200  # and it recovers
 
 
+@pytest.mark.slow
 def test_checkpoint_in_s3_serves_the_same_images(base_url):
     req = {"prompt": PROMPTS[9], "steps": 2, "seed": 77}
     local = images_of(post(f"{base_url}/v1/images", req)[2])[0]
@@ -244,6 +250,7 @@ def _browser():
 
 
 @pytest.mark.browser
+@pytest.mark.slow
 def test_web_page_makes_an_image_in_headless_chromium(base_url):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import Select, WebDriverWait
@@ -280,6 +287,7 @@ def test_web_page_makes_an_image_in_headless_chromium(base_url):
     assert pred >= 0.5  # one of the two at least: a 2-iteration checkpoint at 2 steps
 
 
+@pytest.mark.slow
 def test_cli_serve_run_reports_a_missing_checkpoint(tmp_path):
     """``serve run nitro_dist.serve:app checkpoint=...`` fails fast with the message."""
     import subprocess
@@ -298,6 +306,7 @@ def test_cli_serve_run_reports_a_missing_checkpoint(tmp_path):
     assert time.time() - t0 < 120
 
 
+@pytest.mark.slow
 def test_a_killed_generator_replica_is_replaced_and_serving_goes_on(base_url):
     """Kill the 'main' app's generator replica process: requests meanwhile get 200 or 503
     (never another 5xx), and within a bounded time the new replica answers."""

@@ -47,6 +47,8 @@ def test_bad_search_spaces_name_the_key():
     assert check_space(cfg) is None
 
 
+@pytest.mark.ray
+@pytest.mark.slow
 def test_small_sweep_runs_resumes_and_writes_results(cluster, tmp_path):
     args = [
         "--config",
