@@ -197,6 +197,7 @@ def build_run(
             world_size=world_size,
             num_workers=d.num_workers,
             shuffle_buffer=d.shuffle_buffer,
+            caption_key=d.caption_key,
         )
     else:
         train_set = training_prompts(cfg, task)

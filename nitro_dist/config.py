@@ -16,6 +16,8 @@ from typing import Any, Literal
 
 import yaml
 
+from nitro_dist.data.prompts import CaptionKey  # light: no webdataset, no torch
+
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 HEAD_KINDS = ("global_cond", "local_cond", "local_uncond")
 # SDXL-family noise schedules have 1000 training timesteps; build_run checks the model's own.
@@ -116,7 +118,12 @@ class DataConfig:
     # "shards": WebDataset prompt / teacher-pair shards at ``shards`` (local path or fsspec URL such
     # as s3://bucket/pairs-{000000..000099}.tar). The image size is the UNet's (its config).
     source: Literal["task", "shards"] = "task"
+    # A folder/URL with a manifest.json, or a brace pattern of tar shards from any tool (their
+    # sample counts are read once from the tar headers and cached: nitro_dist/data/index.py).
     shards: str = ""
+    # The sample member holding the caption: MEMBER (prompt.txt, txt) or JSONMEMBER:FIELD
+    # (json:caption: field "caption" of KEY.json; img2dataset shards: txt or json:caption).
+    caption_key: str = "prompt.txt"
     num_workers: int = 2  # loader processes per rank (0: read in the training process)
     shuffle_buffer: int = 1000  # samples per loader worker's shuffle buffer (1: no shuffle)
     # Audit: each rank appends "<epoch> <iteration> <sample key>" for every sample it trains on
@@ -510,6 +517,7 @@ def validate(cfg: Config) -> None:
     if cfg.data.source == "shards":
         need(bool(cfg.data.shards), "data.shards", "required for data.source=shards")
     need(cfg.data.num_workers >= 0, "data.num_workers", "must be >= 0")
+    CaptionKey.parse(cfg.data.caption_key)  # a ValueError naming data.caption_key
     need(cfg.data.shuffle_buffer >= 1, "data.shuffle_buffer", "must be >= 1")
 
 

@@ -4,10 +4,13 @@ Examples:
   python -m nitro_dist.prepare --config digits --prompts data/digits --out data/digits_pairs
   python -m nitro_dist.prepare --config configs/sdxl_realism.yaml \\
       --prompts s3://bucket/prompts --out s3://bucket/pairs --actors 8 --gpus-per-actor 1
+  python -m nitro_dist.prepare --config configs/sdxl_realism.yaml --caption-key txt \
+      --prompts 's3://bucket/laion/{00000..00999}.tar' --out s3://bucket/pairs --actors 8
 
 Each input shard becomes one pair shard (prompt, noise seed, the teacher's x0 as fp16
 teacher.npy) written by a pool of teacher actors (GPU actors on a cluster, CPU here); x_T is
-regenerated bit-exactly from the stored seed. Shards already written are skipped, so rerunning
+regenerated bit-exactly from the stored seed; the caption is read from --caption-key (img2dataset
+shards: txt) and written as prompt.txt. Shards already written are skipped, so rerunning
 an interrupted job finishes it. Then train with
   data.source=shards data.shards=<out> teacher.mode=offline
 """
@@ -23,6 +26,7 @@ import numpy as np
 import torch
 
 from nitro_dist.config import Config, config_from_dict, load_config, to_dict
+from nitro_dist.data.prompts import CaptionKey
 from nitro_dist.data.shards import (
     BadData,
     DataError,
@@ -39,7 +43,9 @@ from nitro_dist.data.shards import (
 class PairWriter:
     """A Ray Data actor: loads the teacher once, turns prompt shards into pair shards."""
 
-    def __init__(self, config: dict[str, Any], out: str, batch_size: int) -> None:
+    def __init__(
+        self, config: dict[str, Any], out: str, batch_size: int, caption_key: str = "prompt.txt"
+    ) -> None:
         from nitro_dist.build import models_of, pick_device
         from nitro_dist.diffusion import TeacherSampler
 
@@ -50,6 +56,7 @@ class PairWriter:
         self.models.text.to(self.device)
         self.sampler = TeacherSampler.from_config(self.models.schedule, cfg.teacher)
         self.out, self.batch_size = out, batch_size
+        self.caption = CaptionKey.parse(caption_key)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
         import fsspec
@@ -72,7 +79,7 @@ class PairWriter:
     def _pairs(self, src: str, bad: BadData):
         from nitro_dist.data.pairs import teacher_x0
 
-        samples = list(read_shard(src, bad))
+        samples = list(read_shard(src, bad, self.caption))
         for s in range(0, len(samples), self.batch_size):
             chunk = samples[s : s + self.batch_size]
             seeds = torch.tensor([x.noise_seed for x in chunk], dtype=torch.long)
@@ -98,18 +105,24 @@ def prepare(
     cpus_per_actor: float = 1.0,
     gpus_per_actor: float = 0.0,
     batch_size: int = 64,
+    caption_key: str = "prompt.txt",
 ) -> dict:
     """Run the job; returns the output manifest (with ``written`` / ``skipped`` counts)."""
     import ray
 
     from nitro_dist.distributed.ray_train import connect
 
+    connect(cfg)  # first: a brace pattern of prompt shards is indexed by Ray tasks
     shards = list_shards(prompts)
-    connect(cfg)
     items = [{"src": u, "name": shard_name("pairs", i)} for i, u in enumerate(shards.urls)]
     ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
         PairWriter,
-        fn_constructor_kwargs={"config": to_dict(cfg), "out": out, "batch_size": batch_size},
+        fn_constructor_kwargs={
+            "config": to_dict(cfg),
+            "out": out,
+            "batch_size": batch_size,
+            "caption_key": caption_key,
+        },
         batch_size=1,
         concurrency=actors,
         num_cpus=cpus_per_actor,
@@ -134,7 +147,14 @@ def main(argv: list[str] | None = None) -> int:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     ap.add_argument("--config", default="digits", help="preset or YAML (model + teacher used)")
-    ap.add_argument("--prompts", required=True, help="prompt shards (folder/URL with manifest)")
+    ap.add_argument(
+        "--prompts", required=True, help="prompt shards: folder/URL with manifest, or brace pattern"
+    )
+    ap.add_argument(
+        "--caption-key",
+        default="prompt.txt",
+        help="the member with the caption: txt, prompt.txt, or json:FIELD (as data.caption_key)",
+    )
     ap.add_argument("--out", required=True, help="output folder or URL for the pair shards")
     ap.add_argument("--actors", type=int, default=1, help="teacher actors (one per GPU)")
     ap.add_argument("--cpus-per-actor", type=float, default=1.0)
@@ -146,6 +166,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config, args.overrides)
         if args.actors < 1 or args.batch_size < 1:
             raise ValueError("--actors and --batch-size must be >= 1")
+        CaptionKey.parse(args.caption_key, "--caption-key")
         manifest = prepare(
             cfg,
             args.prompts,
@@ -154,6 +175,7 @@ def main(argv: list[str] | None = None) -> int:
             cpus_per_actor=args.cpus_per_actor,
             gpus_per_actor=args.gpus_per_actor,
             batch_size=args.batch_size,
+            caption_key=args.caption_key,
         )
     except (ValueError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)

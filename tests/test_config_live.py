@@ -156,6 +156,7 @@ KEYS: dict[str, Case] = {
         "shards", "run", "loader", {"data.shards": "{shards_a}", "data.num_workers": 0}
     ),
     "data.shards": Case("{shards_b}", "run", "loader", SHARDS),
+    "data.caption_key": Case("txt", "run", "loader", {**SHARDS, "data.shards": "{shards_c}"}),
     "data.num_workers": Case(2, "run", "loader", SHARDS),
     "data.shuffle_buffer": Case(1, "run", "loader", SHARDS),
     "data.audit_dir": Case("audit", "step", "files", SHARDS),
@@ -449,7 +450,7 @@ def probe_run(cfg: Config, scratch: Path) -> dict[str, Any]:
         n = run.loader.epoch_length(0)
         out["loader"] = {
             "urls": run.loader.shards.urls,
-            "epoch_0": [s.key for s in run.loader.next_batch(n)],  # order = split + shuffle
+            "epoch_0": [(s.key, s.prompt) for s in run.loader.next_batch(n)],  # split + shuffle
         }
     return out
 
@@ -709,12 +710,14 @@ class Paths:
     alt_teacher: str  # the same with other UNet weights
     shards_a: str  # 2 prompt shards of 4
     shards_b: str  # 3 prompt shards of 4, other prompts
+    shards_c: str  # brace pattern, no manifest: 2 shards of 4 with prompt.txt and another txt
 
 
 @pytest.fixture(scope="module")
 def paths(tmp_path_factory) -> Paths:
     from diffusers import UNet2DConditionModel
 
+    from nitro_dist.data.shards import encode, write_shard
     from nitro_dist.data.write_shards import write_prompt_shards
     from nitro_dist.digits.task import WEIGHTS_DIR
 
@@ -729,7 +732,13 @@ def paths(tmp_path_factory) -> Paths:
     a, b = root / "shards_a", root / "shards_b"
     write_prompt_shards([f"a photo of {i}" for i in range(8)], str(a), 4, progress=False)
     write_prompt_shards([f"a drawing of {i}" for i in range(12)], str(b), 4, progress=False)
-    return Paths(str(WEIGHTS_DIR), str(alt), str(a), str(b))
+    c = root / "shards_c"
+    for k in range(2):
+        samples = [encode(f"{i:03d}", f"a photo of {i}", i) for i in range(4 * k, 4 * k + 4)]
+        for x in samples:
+            x["txt"] = f"another caption {x['__key__']}".encode()
+        write_shard(str(c / f"c-{k}.tar"), samples)
+    return Paths(str(WEIGHTS_DIR), str(alt), str(a), str(b), f"{c}/c-{{0..1}}.tar")
 
 
 def resolve(value: Any, p: Paths) -> Any:

@@ -10,14 +10,13 @@ import numpy as np
 import pytest
 import torch
 
-from nitro_dist.data.loader import ShardLoader, shard_assignment
+from nitro_dist.data.loader import ShardLoader, check_dataset, shard_assignment
 from nitro_dist.data.prompts import read_prompts
 from nitro_dist.data.shards import (
     BadData,
     DataError,
     encode,
     list_shards,
-    probe,
     read_shard,
     write_manifest,
     write_shard,
@@ -151,7 +150,7 @@ def test_storage_errors_name_the_url(tmp_path):
     write_shard(str(tmp_path / "empty" / "e-000000.tar"), [])
     write_manifest(str(tmp_path / "empty"), ["e-000000.tar"], [0])
     with pytest.raises(DataError, match="no readable sample"):
-        probe(str(tmp_path / "empty"), need_teacher=False)
+        check_dataset(str(tmp_path / "empty"))
 
 
 def test_unreachable_storage_is_retried_then_named():

@@ -1,8 +1,11 @@
 """WebDataset shards on local disk or any fsspec URL (s3:// through s3fs), DESIGN.md §3 schema.
 
-One sample per key: ``prompt.txt`` (required); optional ``meta.json`` ({"noise_seed": int}),
-``teacher.npy`` (the teacher's x0, fp16), ``embeds.npy`` / ``pooled.npy`` (text conditioning).
-Shards are ``{prefix}-{000000..N}.tar`` next to a ``manifest.json`` with per-shard counts.
+One sample per key: the caption (``prompt.txt``; ``data.caption_key`` names another member or a
+JSON field, e.g. ``txt`` or ``json:caption`` for img2dataset shards); optional ``meta.json``
+({"noise_seed": int}), ``teacher.npy`` (the teacher's x0, fp16), ``embeds.npy`` / ``pooled.npy``
+(text conditioning); other members (images) are never decoded. Shards are
+``{prefix}-{000000..N}.tar`` next to a ``manifest.json`` with per-shard counts, or any tar set
+given as a brace pattern, counted once from its tar headers and cached (``data/index.py``).
 
 Reading distinguishes storage trouble from bad data: a shard that cannot be opened (missing,
 storage unreachable) is retried a few times and then raises ``DataError`` naming the URL; a
@@ -15,7 +18,6 @@ import hashlib
 import io
 import json
 import tarfile
-import time
 import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -26,12 +28,19 @@ import torch
 import webdataset as wds
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
+from nitro_dist.data.prompts import CaptionKey
+from nitro_dist.data.storage import (
+    DataError,
+    ShardList,
+    join,
+    open_with_retries,
+    read_bytes,
+    url_fs,
+)
+
+PROMPT_TXT = CaptionKey("prompt.txt")  # the caption member of the shards nitro_dist writes
+
 MANIFEST = "manifest.json"
-OPEN_ATTEMPTS = 3
-
-
-class DataError(ValueError):
-    """Storage trouble or an unusable dataset (as opposed to a bad sample, which is skipped)."""
 
 
 def gopen_fsspec(url: str, mode: str = "rb", bufsize: int = 8192):
@@ -52,77 +61,50 @@ register_fsspec_schemes()
 # naming and listing
 
 
-def join(base: str, name: str) -> str:
-    return f"{base.rstrip('/')}/{name}"
-
-
 def shard_name(prefix: str, index: int) -> str:
     return f"{prefix}-{index:06d}.tar"
 
 
-@dataclass
-class ShardList:
-    urls: list[str]
-    counts: list[int]  # samples per shard from the manifest (-1: unknown)
-
-    @property
-    def total(self) -> int:
-        return sum(c for c in self.counts if c > 0)
+_RESOLVED: dict[str, ShardList] = {}  # data.shards -> its list, as the driver resolved it
 
 
-def list_shards(spec: str) -> ShardList:
-    """A folder/prefix with a manifest.json, a manifest URL, or a brace pattern
-    (``s3://b/pairs-{000000..000009}.tar``) -> shard URLs and counts."""
+def use_resolved(spec: str, shards: ShardList) -> None:
+    """A training worker takes the shard list the driver checked (no second indexing)."""
+    _RESOLVED[spec] = shards
+
+
+def list_shards(spec: str, *, index_dir: str | None = None) -> ShardList:
+    """Shard URLs and counts of: a folder/prefix with a manifest.json, a manifest URL (an index
+    file too), or a brace pattern (``s3://b/pairs-{000000..000009}.tar``: counted from the tar
+    headers once and cached by ``index.index_pattern``; ``index_dir`` = where the index goes
+    if it cannot be written beside the shards)."""
+    if spec in _RESOLVED:
+        return _RESOLVED[spec]
     spec = spec.rstrip("/")
+    if "{" in spec:
+        from nitro_dist.data.index import index_pattern
+
+        return index_pattern(spec, index_dir)
     manifest = spec if spec.endswith(".json") else join(spec, MANIFEST)
-    if "{" not in spec:
-        fs, path = _fs(manifest)
-        try:
-            exists = fs.exists(path)
-        except Exception as e:  # noqa: BLE001 - any storage client error
-            raise DataError(f"data.shards={spec}: storage unreachable: {e}") from e
-        if exists:
-            data = json.loads(_read_bytes(manifest))
-            base = manifest.rsplit("/", 1)[0]
-            return ShardList(
-                [join(base, s["name"]) for s in data["shards"]],
-                [int(s["count"]) for s in data["shards"]],
-            )
-        if spec.endswith(".tar"):
-            return ShardList([spec], [-1])
-        raise DataError(
-            f"data.shards={spec}: no {MANIFEST} there (write shards with "
-            "python -m nitro_dist.data.write_shards, or give a brace pattern)"
+    fs, path = url_fs(manifest)
+    try:
+        exists = fs.exists(path)
+    except Exception as e:  # noqa: BLE001 - any storage client error
+        raise DataError(f"data.shards={spec}: storage unreachable: {e}") from e
+    if exists:
+        data = json.loads(read_bytes(manifest))
+        base = manifest.rsplit("/", 1)[0]
+        return ShardList(
+            [s.get("url") or join(base, s["name"]) for s in data["shards"]],
+            [int(s["count"]) for s in data["shards"]],
         )
-    from braceexpand import braceexpand
-
-    urls = list(braceexpand(spec))
-    return ShardList(urls, [-1] * len(urls))
-
-
-def _fs(url: str):
-    return fsspec.core.url_to_fs(url)
-
-
-def _read_bytes(url: str) -> bytes:
-    with open_with_retries(url) as f:
-        return f.read()
-
-
-def open_with_retries(url: str, attempts: int = OPEN_ATTEMPTS, backoff_s: float = 0.5):
-    """Open ``url`` for reading; retried, then a ``DataError`` that names the URL."""
-    last: Exception | None = None
-    for i in range(attempts):
-        try:
-            return fsspec.open(url, "rb").open()
-        except FileNotFoundError as e:
-            last = e
-        except Exception as e:  # noqa: BLE001 - network/credential errors differ per backend
-            last = e
-        if i + 1 < attempts:
-            time.sleep(backoff_s * 2**i)
-    kind = "not found" if isinstance(last, FileNotFoundError) else "storage unreachable"
-    raise DataError(f"shard {url}: {kind} after {attempts} attempts ({last})") from last
+    if spec.endswith(".tar"):
+        return ShardList([spec], [-1])
+    raise DataError(
+        f"data.shards={spec}: no {MANIFEST} there (write shards with "
+        "python -m nitro_dist.data.write_shards, or give the shards as a brace pattern, "
+        "e.g. data.shards=s3://bucket/data-{000000..000099}.tar)"
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -172,15 +154,12 @@ def seed_from_key(key: str) -> int:
     return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=4).digest(), "little") >> 1
 
 
-def decode(raw: dict, shard: str, bad: BadData) -> Sample | None:
+def decode(raw: dict, shard: str, bad: BadData, caption: CaptionKey = PROMPT_TXT) -> Sample | None:
     key = f"{shard.rsplit('/', 1)[-1]}/{raw.get('__key__')}"
-    if "prompt.txt" not in raw:
-        bad.add("missing_prompt", f"{key}: no prompt.txt")
-        return None
     try:
-        prompt = raw["prompt.txt"].decode("utf-8").strip()
-    except UnicodeDecodeError:
-        bad.add("missing_prompt", f"{key}: prompt.txt is not UTF-8")
+        prompt = caption.extract(raw)
+    except LookupError as e:
+        bad.add("missing_prompt", f"{key}: no caption {caption} ({e})")
         return None
     seed = seed_from_key(key)
     if "meta.json" in raw:
@@ -202,9 +181,10 @@ def decode(raw: dict, shard: str, bad: BadData) -> Sample | None:
     return Sample(key, prompt, seed, teacher)
 
 
-def read_shard(url: str, bad: BadData) -> Iterator[Sample]:
-    """Samples of one shard. Storage errors raise ``DataError``; a corrupt or truncated tar
-    is skipped from the point of damage on and counted."""
+def raw_samples(url: str, bad: BadData) -> Iterator[dict]:
+    """One shard's samples as member suffix -> bytes. Storage errors raise ``DataError``; a
+    corrupt or truncated tar is read up to the damage (the sample cut there is dropped) and
+    counted (``index.count_shard`` counts exactly these)."""
     stream = open_with_retries(url)
     damaged: list[Exception] = []
 
@@ -217,20 +197,24 @@ def read_shard(url: str, bad: BadData) -> Iterator[Sample]:
         files = tar_file_expander([{"url": url, "stream": stream}], handler=on_error)
         for raw in group_by_keys(files, handler=on_error):
             if held is not None:
-                sample = decode(held, url, bad)
-                if sample is not None:
-                    yield sample
+                yield held
             held = raw
     except (tarfile.TarError, OSError, EOFError) as e:
         damaged.append(e)
     finally:
         stream.close()
     if held is not None and not damaged:
-        sample = decode(held, url, bad)
-        if sample is not None:
-            yield sample
+        yield held
     if damaged:
         bad.add("corrupt_shards", f"shard {url}: corrupt or truncated ({damaged[0]!r})")
+
+
+def read_shard(url: str, bad: BadData, caption: CaptionKey = PROMPT_TXT) -> Iterator[Sample]:
+    """Decoded samples of one shard (``raw_samples``); undecodable ones skipped and counted."""
+    for raw in raw_samples(url, bad):
+        sample = decode(raw, url, bad, caption)
+        if sample is not None:
+            yield sample
 
 
 # ---------------------------------------------------------------------------------------------
@@ -262,7 +246,7 @@ def encode(
 def write_shard(url: str, samples: Iterable[dict]) -> int:
     """Write one tar shard at ``url`` (written under a temporary name, then moved into place, so
     a reader or a resumed job never sees half a shard). Returns the sample count."""
-    fs, path = _fs(url)
+    fs, path = url_fs(url)
     fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
     tmp = f"{path}.tmp"
     n = 0
@@ -282,26 +266,8 @@ def write_manifest(out: str, names: list[str], counts: list[int], extra: dict | 
         "total": int(sum(counts)),
         **(extra or {}),
     }
-    fs, path = _fs(join(out, MANIFEST))
+    fs, path = url_fs(join(out, MANIFEST))
     fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
     with fs.open(path, "w") as f:
         f.write(json.dumps(data, indent=1))
     return data
-
-
-def probe(spec: str, need_teacher: bool) -> ShardList:
-    """Before any worker starts: the shards can be listed and at least one sample decodes
-    (with a teacher latent when the offline teacher needs one); else a clear ``DataError``."""
-    shards = list_shards(spec)
-    bad = BadData()
-    for url in shards.urls:
-        for sample in read_shard(url, bad):
-            if need_teacher and sample.teacher is None:
-                raise DataError(
-                    f"data.shards={spec}: teacher.mode=offline but {sample.key} has no "
-                    "teacher.npy; make pair shards with python -m nitro_dist.prepare, or set "
-                    "teacher.mode=online"
-                )
-            return shards
-    why = "; ".join(bad.reasons[:3]) or "the shards are empty"
-    raise DataError(f"data.shards={spec}: no readable sample in {len(shards.urls)} shards ({why})")

@@ -3,9 +3,14 @@
 Examples:
   python -m nitro_dist.data.write_shards --prompts captions.txt --out s3://bucket/prompts
   python -m nitro_dist.data.write_shards --prompts coco.parquet --column caption --out data/coco
+  python -m nitro_dist.data.write_shards --prompts my_images/ --out data/mine   # img.png + img.txt
   python -m nitro_dist.data.write_shards --digits 2048 --out data/digits   # the digits task
 
-Prompts come from .txt (one a line), .jsonl, .csv or .parquet (--column names the field).
+Prompts come from .txt (one a line), .jsonl, .csv or .parquet (--column names the field), or a
+folder of images with a .txt caption beside each (img.png + img.txt, searched recursively; only
+the captions are written: distillation never reads the images, the teacher makes its own).
+Shards that other tools wrote (img2dataset: KEY.jpg + KEY.txt + KEY.json) need no rewriting:
+train on them directly with a brace pattern and data.caption_key (txt or json:caption).
 Each sample gets a noise seed (meta.json) so the teacher's x_T is regenerated bit-exactly from
 it. S3 endpoint and credentials come from the usual AWS_* environment variables. Writes
 <out>/<prefix>-000000.tar ... and <out>/manifest.json (per-shard counts).
@@ -71,7 +76,9 @@ def main(argv: list[str] | None = None) -> int:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     src = ap.add_mutually_exclusive_group(required=True)
-    src.add_argument("--prompts", help="a .txt, .jsonl, .csv or .parquet file")
+    src.add_argument(
+        "--prompts", help="a .txt, .jsonl, .csv or .parquet file, or a folder of images + .txt"
+    )
     src.add_argument("--digits", type=int, metavar="N", help="N prompts of the digits task")
     ap.add_argument("--out", required=True, help="output folder or URL (s3://bucket/prefix)")
     ap.add_argument("--column", default="prompt", help="prompt field (.jsonl/.csv/.parquet)")

@@ -20,7 +20,7 @@ import socket
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
@@ -30,6 +30,9 @@ from nitro_dist import checkpoint_layout as layout
 from nitro_dist.checkpoint_layout import is_remote
 from nitro_dist.config import Config, config_from_dict, to_dict
 from nitro_dist.run_log import quiet_libraries
+
+if TYPE_CHECKING:
+    from nitro_dist.data.shards import ShardList
 
 FAIL_ENV = "NITRO_FAIL_AT"  # "iteration[:rank]": inject a worker fault (tests, recovery drills)
 FAULT_EXIT_CODE = 17
@@ -122,12 +125,9 @@ def check_reachable(address: str, timeout_s: float = 5.0) -> None:
 def launch(cfg: Config, resume: str | None = None) -> dict[str, Any]:
     """Train ``cfg`` on Ray Train; returns the final metrics plus ``checkpoint`` and ``run_dir``.
     Rerunning with the same run_name and storage_path continues from the latest checkpoint."""
-    if cfg.data.source == "shards":  # bad data stops here, before any worker starts
-        from nitro_dist.data.shards import probe
-
-        probe(cfg.data.shards, need_teacher=cfg.teacher.mode == "offline")
-    connect(cfg)
-    trainer, storage, fs = make_trainer(cfg, resume)
+    connect(cfg)  # first: with Ray up, a brace-pattern shard set is indexed by Ray tasks
+    shards = check_data(cfg) if cfg.data.source == "shards" else None
+    trainer, storage, fs = make_trainer(cfg, resume, shards=shards)
     result = trainer.fit()
     out = dict(result.metrics or {})
     out["run_dir"] = f"{storage}/{cfg.run_name}"
@@ -137,8 +137,38 @@ def launch(cfg: Config, resume: str | None = None) -> dict[str, Any]:
     return out
 
 
-def make_trainer(cfg: Config, resume: str | None = None, callbacks: list | None = None):
-    """(TorchTrainer, resolved storage, pyarrow fs or None); ``callbacks`` e.g. Tune's."""
+def check_data(cfg: Config, *, index_only: bool = False) -> ShardList:
+    """The driver's dataset check (``loader.check_dataset``: what a worker's loader would stop
+    on stops here, before any worker starts); returns the ``ShardList`` the workers use. An
+    index of a brace pattern that cannot be written beside the shards goes to
+    ``<storage_path>/shard_indexes/``. ``index_only``: just the list (Tune trials)."""
+    from nitro_dist.data.loader import check_dataset
+    from nitro_dist.data.shards import list_shards
+
+    d, w = cfg.data, cfg.distributed.num_workers
+    index_dir = f"{resolve_storage(cfg.distributed.storage_path)}/shard_indexes"
+    if index_only:
+        return list_shards(d.shards, index_dir=index_dir)
+    return check_dataset(
+        d.shards,
+        caption_key=d.caption_key,
+        need_teacher=cfg.teacher.mode == "offline",
+        world_size=w,
+        batch_size=cfg.train.batch_size // w,
+        seed=cfg.seed,
+        index_dir=index_dir,
+    )
+
+
+def make_trainer(
+    cfg: Config,
+    resume: str | None = None,
+    callbacks: list | None = None,
+    shards: ShardList | None = None,
+):
+    """(TorchTrainer, resolved storage, pyarrow fs or None); ``callbacks`` e.g. Tune's;
+    ``shards`` = the driver's checked ``ShardList`` (data.source=shards; else listed here),
+    handed to the workers so none lists or indexes the shards again."""
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -150,9 +180,13 @@ def make_trainer(cfg: Config, resume: str | None = None, callbacks: list | None 
         resources["GPU"] = d.gpus_per_worker
     if resume and not is_remote(resume):
         resume = str(layout.resolve(resume))
+    loop_config: dict[str, Any] = {"config": to_dict(cfg), "storage": storage, "resume": resume}
+    if cfg.data.source == "shards":
+        shards = shards if shards is not None else check_data(cfg, index_only=True)
+        loop_config["shards"] = {"urls": shards.urls, "counts": shards.counts}
     trainer = TorchTrainer(
         worker_loop,
-        train_loop_config={"config": to_dict(cfg), "storage": storage, "resume": resume},
+        train_loop_config=loop_config,
         scaling_config=ray.train.ScalingConfig(
             num_workers=d.num_workers, use_gpu=d.use_gpu, resources_per_worker=resources
         ),
@@ -182,6 +216,10 @@ def worker_loop(config: dict[str, Any]) -> None:
 
     quiet_libraries()
     cfg = config_from_dict(config["config"])
+    if config.get("shards"):  # the driver's list: no worker lists or indexes the shards again
+        from nitro_dist.data.shards import ShardList, use_resolved
+
+        use_resolved(cfg.data.shards, ShardList(**config["shards"]))
     if not cfg.train.num_threads:  # Ray sets OMP_NUM_THREADS=1 for its workers
         torch.set_num_threads(max(1, int(cfg.distributed.cpus_per_worker)))
     ctx = ray.train.get_context()
