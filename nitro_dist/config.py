@@ -30,9 +30,15 @@ class ModelConfig:
     # SDXL-architecture model built from configs (tests); "diffusers": a diffusers folder (unet/,
     # text_encoder[_2]/, tokenizer[_2]/, scheduler/, optional vae/) at ``teacher_path``.
     source: Literal["task", "tiny_sdxl", "diffusers"] = "task"
+    # A diffusers folder, or a single-file SDXL checkpoint (.safetensors, original key layout).
     teacher_path: str | None = None
-    # Student initialisation: a diffusers UNet folder (e.g. DMD2-1step); None copies the teacher.
+    # Student initialisation: a diffusers UNet folder (e.g. DMD2-1step), a single-file SDXL
+    # checkpoint or a bare diffusers-layout UNet state dict (.safetensors, loaded into the
+    # teacher's UNet architecture); None copies the teacher.
     student_path: str | None = None
+    # Required when teacher_path is a single file: a local diffusers folder with its configs
+    # (unet/, text_encoder*/ config.json, tokenizer*/, scheduler/, vae/config.json).
+    config_path: str | None = None
     # Pixel-space tasks (digits) need no VAE; latent tasks decode samples with it when present.
     use_vae: bool = False
     gradient_checkpointing: bool = False
@@ -513,6 +519,19 @@ def validate(cfg: Config) -> None:
     need(cfg.tune.reduction_factor >= 2, "tune.reduction_factor", "must be >= 2")
     if cfg.model.source == "diffusers":
         need(bool(cfg.model.teacher_path), "model.teacher_path", "required for source=diffusers")
+    teacher_file = str(cfg.model.teacher_path).endswith(".safetensors")
+    single = cfg.model.source == "diffusers" and teacher_file
+    need(
+        single or not cfg.model.config_path,
+        "model.config_path",
+        "only read when model.teacher_path is a single .safetensors file (source=diffusers)",
+    )
+    need(
+        not single or bool(cfg.model.config_path),
+        "model.config_path",
+        f"required when model.teacher_path is a single file ({cfg.model.teacher_path}): a local "
+        "diffusers folder with its configs (unet/, text_encoder*/, tokenizer*/, scheduler/, vae/)",
+    )
     need(bool(cfg.task), "task", "must name a task (digits, prompts, or package.module:Class)")
     if cfg.data.source == "shards":
         need(bool(cfg.data.shards), "data.shards", "required for data.source=shards")

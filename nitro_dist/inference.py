@@ -22,7 +22,7 @@ from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 from nitro_dist import checkpoint_layout as ckpt
 from nitro_dist.config import Config, load_config
 from nitro_dist.diffusion import NitroLCMScheduler, StudentDenoiser, seeded_noise
-from nitro_dist.models.builders import build_tiny_sdxl, load_text
+from nitro_dist.models.builders import build_tiny_sdxl, is_single_file, load_text_and_vae
 from nitro_dist.models.text import TextConditioner
 from nitro_dist.tasks import task_of
 
@@ -150,23 +150,30 @@ class Generator:
 
 
 def _text_and_vae(cfg: Config) -> tuple[TextConditioner, AutoencoderKL | None]:
+    return teacher_text_and_vae(cfg, vae=cfg.model.use_vae)
+
+
+def teacher_text_and_vae(cfg: Config, *, vae: bool) -> tuple[TextConditioner, AutoencoderKL | None]:
+    """The text conditioning (and the VAE when ``vae``) of the teacher ``cfg.model`` names: built
+    for ``tiny_sdxl`` (the seed's weights), read from the task's folder, a diffusers folder or a
+    single-file checkpoint (only its text encoders and VAE) otherwise."""
     m = cfg.model
     if m.source == "tiny_sdxl":
-        tiny = build_tiny_sdxl(cfg.seed, with_vae=m.use_vae)
+        tiny = build_tiny_sdxl(cfg.seed, with_vae=vae)
         return tiny.text, tiny.vae
     if m.source == "task":
         root = task_of(cfg).model_dir()
+        if root is None:
+            raise ValueError(f"model.source=task: task {cfg.task!r} ships no models")
     else:
         assert m.teacher_path is not None  # config.validate: required for source=diffusers
         root = Path(m.teacher_path)
-    if root is None:
-        raise ValueError(f"model.source=task: task {cfg.task!r} ships no models")
+    if is_single_file(root):
+        return load_text_and_vae(root, m.config_path, sdxl=True, vae=vae)
     unet_cfg = UNet2DConditionModel.load_config(root / "unet")
-    text = load_text(root, sdxl=unet_cfg.get("addition_embed_type") == "text_time")
-    vae = None
-    if m.use_vae:
-        vae = AutoencoderKL.from_pretrained(root / "vae", use_safetensors=True).eval()
-    return text, vae
+    sdxl = unet_cfg.get("addition_embed_type") == "text_time"
+    text, vae_model = load_text_and_vae(root, None, sdxl=sdxl, vae=vae)
+    return text, vae_model.eval() if vae_model is not None else None
 
 
 # ---------------------------------------------------------------------------------------------

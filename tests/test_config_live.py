@@ -105,6 +105,16 @@ KEYS: dict[str, Case] = {
     "model.student_path": Case(
         "{alt_teacher}/unet", "run", "student", {"model.source": "task", "pool.levels": [0]}
     ),
+    "model.config_path": Case(  # the single file's configs: here its scheduler's beta_end
+        "{sdxl_configs_b}",
+        "run",
+        ("denoiser", "teacher_sampler"),
+        {
+            "model.source": "diffusers",
+            "model.teacher_path": "{sdxl_file}",
+            "model.config_path": "{sdxl_configs}",
+        },
+    ),
     "model.use_vae": Case(True, "run", "vae"),
     "model.gradient_checkpointing": Case(True, "run", "student"),
     # sampler
@@ -711,6 +721,9 @@ class Paths:
     shards_a: str  # 2 prompt shards of 4
     shards_b: str  # 3 prompt shards of 4, other prompts
     shards_c: str  # brace pattern, no manifest: 2 shards of 4 with prompt.txt and another txt
+    sdxl_file: str  # the tiny SDXL as a single-file checkpoint
+    sdxl_configs: str  # its config folder
+    sdxl_configs_b: str  # the same with another scheduler beta_end
 
 
 @pytest.fixture(scope="module")
@@ -738,7 +751,25 @@ def paths(tmp_path_factory) -> Paths:
         for x in samples:
             x["txt"] = f"another caption {x['__key__']}".encode()
         write_shard(str(c / f"c-{k}.tar"), samples)
-    return Paths(str(WEIGHTS_DIR), str(alt), str(a), str(b), f"{c}/c-{{0..1}}.tar")
+    from sdxl_files import write_configs, write_single_file
+
+    from nitro_dist.models import tiny
+    from nitro_dist.models.builders import build_tiny_sdxl
+
+    m = build_tiny_sdxl(0)
+    sdxl_file = write_single_file(m, root / "sdxl.safetensors")
+    configs = write_configs(m, root / "sdxl_configs")
+    configs_b = write_configs(m, root / "sdxl_configs_b", {**tiny.SDXL_SCHEDULE, "beta_end": 0.02})
+    return Paths(
+        str(WEIGHTS_DIR),
+        str(alt),
+        str(a),
+        str(b),
+        f"{c}/c-{{0..1}}.tar",
+        str(sdxl_file),
+        str(configs),
+        str(configs_b),
+    )
 
 
 def resolve(value: Any, p: Paths) -> Any:

@@ -81,12 +81,13 @@ def test_no_import_cycles():
 
 
 def test_inference_and_serving_import_no_training_code():
-    """Inference, the image API, serving and the checkpoint layout read checkpoints without
+    """Inference, the image API, serving, export and the checkpoint layout read checkpoints without
     building runs: none of them reaches training code, even lazily."""
     graph = module_graph()
     training = ("nitro_dist.build", "nitro_dist.step", "nitro_dist.loop", "nitro_dist.checkpoint")
     roots = ["nitro_dist.inference", "nitro_dist.image_api", "nitro_dist.serve"]
     roots += ["nitro_dist.remote", "nitro_dist.checkpoint_layout", "nitro_dist.sample"]
+    roots += ["nitro_dist.export"]
     for root in roots:
         seen, todo = set(), [root]
         while todo:
