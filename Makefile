@@ -22,11 +22,12 @@ $(VENV)/.installed: pyproject.toml
 train: setup
 	$(PY) -m nitro_dist.train $(ARGS)
 
+# two pytest-xdist workers: one runs the Ray tests (one block, in order), the other the rest
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2 --dist loadgroup
 
 test-fast: setup
-	$(PY) -m pytest -q -m "not slow and not ray"
+	$(PY) -m pytest -q -n 2 -m "not slow and not ray"
 
 lint: setup
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .

@@ -2,20 +2,28 @@
 two processes (a test and a Ray worker, say) slow each other down by orders of magnitude.
 
 One S3 server (moto's) and one local Ray cluster serve the whole session; the tests that use the
-cluster run last, as one block, so that Ray's processes only run while they are needed (and
-test_ray_job's own `ray start` cluster, whose `ray stop` ends every Ray process on the machine,
-runs before it starts)."""
+cluster run as one block (test_ray_job's own `ray start` cluster first), so that Ray's processes
+only run while they are needed. `make test` runs two pytest-xdist workers: one takes the Ray
+block (xdist group "ray", started first), the other the rest."""
 
 import os
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Ray Train's controller polls its workers every 2 s: a tiny run would wait up to that long at
+# every start, report and end (the variable is passed on to the controller and workers)
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
+# Ray runs its workers at nice 15: beside the other xdist worker's tests they would only get the
+# CPU left over, and the Ray block is the suite's longest path
+os.environ.setdefault("RAY_worker_niceness", "0")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from nitro_dist.config import load_config  # noqa: E402
+
+RAY_GROUP = "ray"  # pytest-xdist (`-n 2 --dist loadgroup`): one worker runs every Ray test
 
 
 def _ray_block(item: pytest.Item) -> int:
@@ -30,12 +38,18 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "cluster" in item.fixturenames:  # `-m "not ray"` never starts the cluster
             item.add_marker(pytest.mark.ray)
+        if item.get_closest_marker("ray"):  # in order, in one process, beside the other tests
+            item.add_marker(pytest.mark.xdist_group(RAY_GROUP))
     if not torch.cuda.is_available():
         skip = pytest.mark.skip(reason="needs a CUDA device")
         for item in items:
             if item.get_closest_marker("gpu"):
                 item.add_marker(skip)
-    items.sort(key=_ray_block)  # stable: file order within each block
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        # under xdist the Ray block goes first: one worker runs it while the others take the rest
+        items.sort(key=lambda item: {1: 0, 2: 1, 0: 2}[_ray_block(item)])
+    else:
+        items.sort(key=_ray_block)  # stable: file order within each block
 
 
 @pytest.fixture(autouse=True)
@@ -133,7 +147,13 @@ def ray_cluster(s3_server):  # the S3 server first: Ray workers inherit its AWS_
     ray = pytest.importorskip("ray")
     assert not ray.is_initialized()
     # "local": a new instance even when a `ray start` cluster runs on this machine
-    ray.init(address="local", num_cpus=4, dashboard_host="127.0.0.1", include_dashboard=True)
+    ray.init(
+        address="local",
+        num_cpus=4,
+        object_store_memory=512 * 2**20,  # tiny models: the default (30% of RAM) is never needed
+        dashboard_host="127.0.0.1",
+        include_dashboard=True,
+    )
     yield
     ray.shutdown()
 

@@ -1,9 +1,9 @@
 """The data layer end to end on a local Ray and a real S3-compatible server (moto's, 127.0.0.1):
 prompt shards -> `prepare` (Ray Data teacher actors) -> pair shards in S3 -> the digits task
-trained from them with 2 workers, offline teacher, a corrupt shard in the set, and a resume."""
+trained from them with 2 workers, offline teacher, a corrupt shard in the set, the run's files and
+checkpoints in S3 too, and a resume from there."""
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -21,6 +21,7 @@ from nitro_dist.train import main
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 PROMPTS, PAIRS = "s3://nitro-test/digits-prompts", "s3://nitro-test/digits-pairs"
+RUNS = "s3://nitro-test/runs"
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +76,7 @@ def test_train_from_s3_pairs_two_workers_no_duplicates_and_resume(pairs, tmp_pat
         "teacher.mode=offline",
         "distributed.num_workers=2",
         "distributed.cpus_per_worker=0.5",
-        f"distributed.storage_path={tmp_path}/runs",
+        f"distributed.storage_path={RUNS}",  # run files and checkpoints in S3 too
         "run_name=shards",
         "train.batch_size=16",
         "train.log_every=1",
@@ -85,9 +86,10 @@ def test_train_from_s3_pairs_two_workers_no_duplicates_and_resume(pairs, tmp_pat
         "train.eval_images=20",
         "logging.wandb=false",
     ]
-    launch(load_config("digits", [*common, "train.iterations=4"]))
-    out = launch(load_config("digits", [*common, "train.iterations=8"]))  # resumes at 4
-    assert Path(out["checkpoint"]).name == "iter_000008"
+    first = launch(load_config("digits", [*common, "train.iterations=4"]))
+    assert first["checkpoint"] == f"{RUNS}/shards/iter_000004"
+    out = launch(load_config("digits", [*common, "train.iterations=8"]))  # resumes at 4 from S3
+    assert out["checkpoint"] == f"{RUNS}/shards/iter_000008"
     seen = {}
     for r in range(2):
         rows = [line.split() for line in (audit / f"rank_{r}.txt").read_text().splitlines()]
@@ -96,9 +98,15 @@ def test_train_from_s3_pairs_two_workers_no_duplicates_and_resume(pairs, tmp_pat
         for _, it, key in rows:
             assert key not in seen, f"{key} seen twice in epoch 0 ({seen.get(key)}, rank {r})"
             seen[key] = (r, it)
-    metrics = [json.loads(x) for x in (tmp_path / "runs" / "shards" / "metrics.jsonl").open()]
+    fs.invalidate_cache()
+    run = f"{RUNS[5:]}/shards"
+    names = {p.rsplit("/", 1)[-1] for p in fs.ls(run)}
+    assert {"iter_000008", "config.yaml", "metrics.jsonl", "final_metrics.json"} <= names
+    assert fs.exists(f"{run}/iter_000008/ranks/rank_00001.json")
+    metrics = [json.loads(x) for x in fs.cat(f"{run}/metrics.jsonl").splitlines()]
+    assert [m["iteration"] for m in metrics if "g_loss" in m] == list(range(1, 9))  # kept
     assert max(m.get("data_corrupt_shards", 0) for m in metrics) >= 1
-    state = json.loads((Path(out["checkpoint"]) / "trainer_state.json").read_text())
+    state = json.loads(fs.cat(f"{run}/iter_000008/trainer_state.json"))
     assert state["data_cursor"] == {"epoch": 0, "position": 64, "world_size": 2}
 
 

@@ -41,11 +41,41 @@ def head(tmp_path):
         f"--dashboard-port={dash}",
         "--disable-usage-stats",
     ]
-    subprocess.run(start, check=True, env=env, timeout=180, capture_output=True)
+    # --block: the command stays up and, when terminated, stops this cluster's processes only
+    # (`ray stop` would end every Ray process on the machine, other tests' clusters included)
+    proc = subprocess.Popen(
+        [*start, "--block"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     try:
+        wait_for_dashboard(dash, proc)
         yield env, f"http://127.0.0.1:{dash}"
     finally:
-        subprocess.run([str(BIN / "ray"), "stop", "--force"], env=env, timeout=180)
+        proc.terminate()
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=30)
+
+
+def wait_for_dashboard(port: int, proc: subprocess.Popen, timeout_s: float = 120) -> None:
+    """Until the job server answers (bounded), or the `ray start` process has exited."""
+    import time
+    import urllib.error
+    import urllib.request
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"ray start exited with {proc.returncode}")
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/api/version", timeout=2).close()
+            return
+        except urllib.error.HTTPError:  # it answers (token auth may refuse the request)
+            return
+        except OSError:
+            time.sleep(0.5)
+    raise TimeoutError(f"the dashboard on 127.0.0.1:{port} did not answer in {timeout_s} s")
 
 
 @pytest.mark.ray  # its own cluster: runs before the session one starts (conftest)
