@@ -91,7 +91,7 @@ def eval_task(cfg: Config, args) -> Task:
     """The checkpoint's task, with the teacher comparison the flags ask for (each flag defaults
     to the run's own ``eval.*`` key)."""
     from nitro_dist.image_metrics import TeacherComparison
-    from nitro_dist.tasks import WithImageMetrics, load_task
+    from nitro_dist.tasks import EVAL_SEED_OFFSET, WithImageMetrics, load_task
 
     task = load_task(cfg.task, cfg.train.sample_prompts)
     inception = args.inception or cfg.eval.inception
@@ -104,8 +104,9 @@ def eval_task(cfg: Config, args) -> Task:
         inception=inception,
         clip=clip,
         device=args.device,
-        seed=args.seed,
+        first_seed=EVAL_SEED_OFFSET + args.seed,  # the student's seeds below
         batch_size=args.batch_size,
+        task_dir=task.model_dir() if cfg.model.source == "task" else None,
         what=(
             named("--inception", "eval.inception", args.inception),
             named("--clip", "eval.clip", args.clip),

@@ -48,11 +48,19 @@ def import_cleanfid(what: str) -> Any:
     return fid
 
 
-def _write_pngs(images_NCHW: torch.Tensor, folder: Path) -> None:
-    from nitro_dist.images import to_pil, to_uint8_hwc
+def _uint8_rgb(images_NCHW: torch.Tensor) -> np.ndarray:
+    """[-1, 1] -> uint8 N x H x W x 3, quantised as ``images.to_uint8_hwc`` saves samples; grey
+    repeated to RGB, a latent's first 3 channels (that module imports tasks: no cycle here)."""
+    x = images_NCHW.detach().float().cpu()
+    x = x.repeat(1, 3, 1, 1) if x.shape[1] == 1 else x[:, :3]
+    return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
 
-    for i, img in enumerate(to_uint8_hwc(images_NCHW)):
-        to_pil(img).save(folder / f"{i:06d}.png")
+
+def _write_pngs(images_NCHW: torch.Tensor, folder: Path) -> None:
+    from PIL import Image
+
+    for i, img in enumerate(_uint8_rgb(images_NCHW)):
+        Image.fromarray(img).save(folder / f"{i:06d}.png")
 
 
 def check_inception_path(path: str | Path, what: str) -> Path:
@@ -187,13 +195,9 @@ class ClipScorer:
     @torch.no_grad()
     def scores(self, images_NCHW: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         """(N,) per-image scores of images in [-1, 1] against their prompts."""
-        from nitro_dist.images import to_uint8_hwc
-
         if len(images_NCHW) != len(prompts):
             raise ValueError(f"CLIP score: {len(images_NCHW)} images for {len(prompts)} prompts")
-        arrays = list(to_uint8_hwc(images_NCHW))
-        if arrays and arrays[0].shape[-1] == 1:  # grey -> RGB for CLIP
-            arrays = [np.repeat(a, 3, axis=-1) for a in arrays]
+        arrays = list(_uint8_rgb(images_NCHW))
         out = []
         for s in range(0, len(arrays), 64):
             inputs = self.processor(
@@ -222,13 +226,21 @@ class TeacherImages:
     (``data.pairs.teacher_x0``, what training distils towards), decoded by the VAE when the run
     has one. Same (prompt, seed) -> same pixels, whatever the batch."""
 
-    def __init__(self, cfg: Config, device: str | torch.device = "cpu", batch_size: int = 64):
+    def __init__(
+        self,
+        cfg: Config,
+        device: str | torch.device = "cpu",
+        batch_size: int = 64,
+        task_dir: Path | None = None,
+    ) -> None:
+        """``task_dir``: the task's model folder, read for ``model.source=task``."""
         from nitro_dist.diffusion import TeacherSampler
 
         self.device, self.batch_size = torch.device(device), batch_size
         # build_tiny_sdxl seeds the global RNG: keep the caller's (a training run's) stream
         with torch.random.fork_rng(devices=[]):
-            self.unet, self.text, self.vae, schedule, self.sample_shape = _teacher_models(cfg)
+            parts = _teacher_models(cfg, task_dir)
+        self.unet, self.text, self.vae, schedule, self.sample_shape = parts
         for m in (self.unet, self.text, self.vae):
             if m is not None:
                 m.to(self.device)
@@ -256,7 +268,9 @@ class TeacherImages:
         return torch.cat(out) if out else torch.empty(0)
 
 
-def _teacher_models(cfg: Config) -> tuple[Any, Any, Any, dict[str, Any], tuple[int, int, int]]:
+def _teacher_models(
+    cfg: Config, task_dir: Path | None
+) -> tuple[Any, Any, Any, dict[str, Any], tuple[int, int, int]]:
     """(teacher UNet, text conditioner, VAE or None, noise schedule, sample shape): the teacher
     alone (no student copy), from the config's model section."""
     from diffusers import AutoencoderKL
@@ -268,11 +282,9 @@ def _teacher_models(cfg: Config) -> tuple[Any, Any, Any, dict[str, Any], tuple[i
         tiny = builders.build_tiny_sdxl(cfg.seed, with_vae=m.use_vae)
         return tiny.teacher, tiny.text, tiny.vae, tiny.schedule, tiny.sample_shape
     if m.source == "task":
-        from nitro_dist.tasks import load_task
-
-        root = load_task(cfg.task, cfg.train.sample_prompts).model_dir()
-        if root is None:
+        if task_dir is None:
             raise ValueError(f"model.source=task: task {cfg.task!r} ships no models")
+        root = task_dir
     else:
         assert m.teacher_path is not None  # config.validate: required for source=diffusers
         root = Path(m.teacher_path)
@@ -291,7 +303,8 @@ class TeacherComparison:
     ``clip_score`` of student images; either part is off when its path is empty.
 
     The paths are checked (and clean-fid imported) at construction, the weights loaded on first
-    use. Teacher images use the evaluation seeds ``EVAL_SEED_OFFSET + seed + i``; they and their
+    use. Teacher images use the seeds ``first_seed + i`` (the callers pass the evaluation range,
+    ``tasks.EVAL_SEED_OFFSET`` on); they and their
     Inception features are made once for a prompt list and kept (the teacher is frozen), then
     the teacher models are released. ``what`` names where the paths came from, for errors
     (``("--inception", "--clip")`` in the CLI, the config keys in training)."""
@@ -303,11 +316,13 @@ class TeacherComparison:
         inception: str = "",
         clip: str = "",
         device: str | torch.device = "cpu",
-        seed: int = 0,
+        first_seed: int = 0,
         batch_size: int = 64,
+        task_dir: Path | None = None,
         what: tuple[str, str] = ("eval.inception", "eval.clip"),
     ) -> None:
-        self.cfg, self.device, self.seed = cfg, torch.device(device), seed
+        self.cfg, self.device, self.first_seed = cfg, torch.device(device), first_seed
+        self.task_dir = task_dir
         self.batch_size, self.what = batch_size, what
         self.inception_path, self.clip_path = inception, clip
         if inception:
@@ -320,7 +335,9 @@ class TeacherComparison:
         self._cache: dict[tuple[str, ...], tuple[torch.Tensor, np.ndarray | None]] = {}
 
     @classmethod
-    def from_config(cls, cfg: Config) -> TeacherComparison | None:
+    def from_config(
+        cls, cfg: Config, first_seed: int, task_dir: Path | None = None
+    ) -> TeacherComparison | None:
         """The comparison ``cfg.eval`` asks for (None when it names no weights), on the
         training device."""
         e = cfg.eval
@@ -329,7 +346,14 @@ class TeacherComparison:
         device = cfg.train.device
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
-        return cls(cfg, inception=e.inception, clip=e.clip, device=device)
+        return cls(
+            cfg,
+            inception=e.inception,
+            clip=e.clip,
+            device=device,
+            first_seed=first_seed,
+            task_dir=task_dir,
+        )
 
     @property
     def inception(self) -> InceptionFID | None:
@@ -350,11 +374,9 @@ class TeacherComparison:
         """(teacher images, their Inception features or None) for ``prompts``."""
         key = tuple(prompts)
         if key not in self._cache:
-            from nitro_dist.tasks import EVAL_SEED_OFFSET
-
             if self._teacher is None:
-                self._teacher = TeacherImages(self.cfg, self.device, self.batch_size)
-            seeds = [EVAL_SEED_OFFSET + self.seed + i for i in range(len(prompts))]
+                self._teacher = TeacherImages(self.cfg, self.device, self.batch_size, self.task_dir)
+            seeds = [self.first_seed + i for i in range(len(prompts))]
             images = self._teacher(prompts, seeds)
             feats = self.inception.features(images) if self.inception is not None else None
             self._cache = {key: (images, feats)}  # the last prompt list only

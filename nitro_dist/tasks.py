@@ -182,7 +182,8 @@ def task_of(cfg: Config) -> Task:
     if cfg.eval.inception or cfg.eval.clip:
         from nitro_dist.image_metrics import TeacherComparison
 
-        comparison = TeacherComparison.from_config(cfg)
+        task_dir = task.model_dir() if cfg.model.source == "task" else None
+        comparison = TeacherComparison.from_config(cfg, EVAL_SEED_OFFSET, task_dir)
         assert comparison is not None  # a path is set
         return WithImageMetrics(task, comparison)
     return task
