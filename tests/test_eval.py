@@ -225,6 +225,20 @@ def test_missing_or_wrong_weights_name_their_flag_or_key(tmp_path, tiny_cfg):
         InceptionFID(junk)
 
 
+def test_inference_does_not_need_the_runs_metric_weights(tmp_path):
+    """A checkpoint trained with eval.inception/eval.clip loads where those files are absent
+    (a serving machine): only training and evaluation read them."""
+    from nitro_dist.inference import _text_and_vae
+    from nitro_dist.tasks import task_of
+
+    missing = [f"eval.inception={tmp_path / 'none.pt'}", f"eval.clip={tmp_path / 'none'}"]
+    cfg = load_config("digits", missing)
+    with pytest.raises(ValueError, match="eval.inception"):
+        task_of(cfg)  # training and evaluation refuse it
+    text, vae = _text_and_vae(cfg)  # model.source=task: the digits folder, read as before
+    assert text is not None and vae is None
+
+
 def prompts_cfg(*overrides: str):
     """A tiny SDXL run of task ``prompts`` (the shards are never read here)."""
     base = [
