@@ -271,31 +271,17 @@ class TeacherImages:
 def _teacher_models(
     cfg: Config, task_dir: Path | None
 ) -> tuple[Any, Any, Any, dict[str, Any], tuple[int, int, int]]:
-    """(teacher UNet, text conditioner, VAE or None, noise schedule, sample shape): the teacher
-    alone (no student copy), from the config's model section."""
-    from diffusers import AutoencoderKL
+    """(teacher UNet, text conditioner, VAE or None, noise schedule, sample shape) of the
+    config's model section, read by the loaders training uses (task folder, diffusers folder,
+    single-file checkpoint with model.config_path, tiny_sdxl). The student is not read: the
+    builder's stand-in copy of the teacher is dropped at once."""
+    import dataclasses
 
-    from nitro_dist.models import builders
+    from nitro_dist.models.builders import build_models
 
-    m = cfg.model
-    if m.source == "tiny_sdxl":
-        tiny = builders.build_tiny_sdxl(cfg.seed, with_vae=m.use_vae)
-        return tiny.teacher, tiny.text, tiny.vae, tiny.schedule, tiny.sample_shape
-    if m.source == "task":
-        if task_dir is None:
-            raise ValueError(f"model.source=task: task {cfg.task!r} ships no models")
-        root = task_dir
-    else:
-        assert m.teacher_path is not None  # config.validate: required for source=diffusers
-        root = Path(m.teacher_path)
-    unet = builders.freeze(builders.load_unet(root))
-    text = builders.load_text(root, sdxl=unet.config.addition_embed_type == "text_time")
-    vae = None
-    if m.use_vae:
-        vae = builders.freeze(AutoencoderKL.from_pretrained(root / "vae", use_safetensors=True))
-    size = unet.config.sample_size
-    shape = (unet.config.in_channels, size, size)
-    return unet, text, vae, builders.load_schedule(root), shape
+    model_cfg = dataclasses.replace(cfg.model, student_path=None, gradient_checkpointing=False)
+    m = build_models(model_cfg, cfg.seed, task_dir)
+    return m.teacher, m.text, m.vae, m.schedule, m.sample_shape
 
 
 class TeacherComparison:
