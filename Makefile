@@ -14,9 +14,11 @@ setup: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	# CPU torch first (a local-disk wheel here), so no dependency pulls a multi-GB CUDA build.
-	$(PY) -m pip install -q "torch==2.13.0"
-	$(PY) -m pip install -q -e ".[dev]"
+	# torch 2.14.1 + torchvision 0.29.1 first (local-disk wheels here; the CUDA 13 build, which
+	# also runs on CPU): torchvision lets clean-fid (the eval extra) import, so its tests run.
+	# Costs ~4.5 GB of nvidia/triton wheels over the CPU torch 2.13.0 (2.5 GB -> 7.0 GB venv).
+	$(PY) -m pip install -q "torch==2.14.1" "torchvision==0.29.1"
+	$(PY) -m pip install -q -e ".[dev,eval]"
 	touch $@
 
 train: setup

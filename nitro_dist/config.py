@@ -210,6 +210,17 @@ class TuneConfig:
 
 
 @dataclass(kw_only=True)
+class EvalConfig:
+    """Weights for the task-free metrics (nitro_dist.image_metrics), local files only: with
+    them every evaluation (training's, the eval CLI's default) adds ``fid_teacher`` (FID of
+    student against teacher images, clean-fid) and ``clip_score``; ``python -m nitro_dist.tune``
+    then watches fid_teacher_1step for a task without its own FID (task ``prompts``)."""
+
+    inception: str = ""  # clean-fid's TorchScript Inception, inception-2015-12-05.pt
+    clip: str = ""  # a transformers CLIP folder (CLIPModel + CLIPProcessor)
+
+
+@dataclass(kw_only=True)
 class LoggingConfig:
     wandb: bool = True  # offline unless wandb_mode says otherwise; false turns it off
     wandb_mode: Literal["offline", "online", "disabled"] = "offline"
@@ -235,6 +246,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     tune: TuneConfig = field(default_factory=TuneConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
 

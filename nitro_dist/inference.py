@@ -24,7 +24,7 @@ from nitro_dist.config import Config, load_config
 from nitro_dist.diffusion import NitroLCMScheduler, StudentDenoiser, seeded_noise
 from nitro_dist.models.builders import build_tiny_sdxl, is_single_file, load_text_and_vae
 from nitro_dist.models.text import TextConditioner
-from nitro_dist.tasks import task_of
+from nitro_dist.tasks import load_task
 
 
 class Generator:
@@ -162,7 +162,8 @@ def teacher_text_and_vae(cfg: Config, *, vae: bool) -> tuple[TextConditioner, Au
         tiny = build_tiny_sdxl(cfg.seed, with_vae=vae)
         return tiny.text, tiny.vae
     if m.source == "task":
-        root = task_of(cfg).model_dir()
+        # the bare task: a run's metric weights (eval.*) are no concern of inference
+        root = load_task(cfg.task, cfg.train.sample_prompts).model_dir()
         if root is None:
             raise ValueError(f"model.source=task: task {cfg.task!r} ships no models")
     else:

@@ -7,6 +7,11 @@ nothing outside ``nitro_dist/digits/`` imports it.
 
 Any run that is not a built-in task uses ``task: prompts``: grids and evaluation draw on
 ``train.sample_prompts`` (a list, or a prompt file), and its training prompts come from shards.
+
+When the config names local metric weights (``eval.inception``, ``eval.clip``), ``task_of``
+wraps the task in ``WithImageMetrics``: every evaluation of the run (training's, the eval CLI's)
+then also reports ``fid_teacher`` (student against teacher images) and ``clip_score``, whatever
+the task, and ``python -m nitro_dist.tune`` can watch them.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from nitro_dist.data.prompts import read_prompts
 
 if TYPE_CHECKING:
     from nitro_dist.config import Config
+    from nitro_dist.image_metrics import TeacherComparison
 
 ENTRY_POINT_GROUP = "nitro_dist.tasks"
 EVAL_SEED_OFFSET = 10_000_000  # evaluation never reuses a training seed
@@ -61,8 +67,8 @@ class PromptTask:
     """Any run without a built-in task: prompts from ``train.sample_prompts``, no models of its
     own, training prompts from shards. Its metrics need no weights: ``diversity`` (mean pixel
     distance between images of the same prompt from different seeds; 0 = the seed is ignored,
-    mode collapse) and ``pixel_std``. FID and CLIP score come from ``python -m nitro_dist.eval``
-    with the weights the user supplies."""
+    mode collapse) and ``pixel_std``. FID against the teacher and CLIP score come with the
+    weights the user supplies (``eval.inception``, ``eval.clip``: ``WithImageMetrics``)."""
 
     name = "prompts"
 
@@ -89,6 +95,10 @@ class PromptTask:
     def eval_prompts(self, n: int) -> list[str]:
         prompts = self.sample_prompts()
         return [prompts[i % len(prompts)] for i in range(n)]
+
+    def metric_names(self) -> list[str]:
+        """What ``metrics`` reports (diversity only when a prompt has two images)."""
+        return ["pixel_std", "diversity"]
 
     def metrics(self, images: torch.Tensor, prompts: list[str]) -> dict[str, float]:
         flat = images.flatten(1).double()
@@ -137,8 +147,46 @@ def load_task(name: str, sample_prompts: Sequence[str] | str = ()) -> Task:
     return task
 
 
+class WithImageMetrics:
+    """``task`` with the task-free image metrics of ``comparison`` added to its own:
+    ``fid_teacher`` and/or ``clip_score`` (nitro_dist.image_metrics.TeacherComparison)."""
+
+    def __init__(self, task: Task, comparison: TeacherComparison) -> None:
+        self.task, self.comparison, self.name = task, comparison, task.name
+
+    def model_dir(self) -> Path | None:
+        return self.task.model_dir()
+
+    def train_prompts(self, n: int) -> list[str]:
+        return self.task.train_prompts(n)
+
+    def sample_prompts(self) -> list[str]:
+        return self.task.sample_prompts()
+
+    def eval_prompts(self, n: int) -> list[str]:
+        return self.task.eval_prompts(n)
+
+    def metrics(self, images: torch.Tensor, prompts: list[str]) -> dict[str, float]:
+        return {**self.task.metrics(images, prompts), **self.comparison(images, prompts)}
+
+    def metric_names(self) -> list[str] | None:
+        """None when the inner task does not list its own (e.g. digits)."""
+        names = getattr(self.task, "metric_names", None)
+        return None if names is None else [*names(), *self.comparison.metric_names()]
+
+
 def task_of(cfg: Config) -> Task:
-    return load_task(cfg.task, cfg.train.sample_prompts)
+    """The run's task; with ``eval.inception`` / ``eval.clip`` set, wrapped in
+    ``WithImageMetrics`` (the weights are checked now, loaded at the first evaluation)."""
+    task = load_task(cfg.task, cfg.train.sample_prompts)
+    if cfg.eval.inception or cfg.eval.clip:
+        from nitro_dist.image_metrics import TeacherComparison
+
+        task_dir = task.model_dir() if cfg.model.source == "task" else None
+        comparison = TeacherComparison.from_config(cfg, EVAL_SEED_OFFSET, task_dir)
+        assert comparison is not None  # a path is set
+        return WithImageMetrics(task, comparison)
+    return task
 
 
 def _read_sample_prompts(spec: Sequence[str] | str) -> list[str]:

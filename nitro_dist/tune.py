@@ -6,7 +6,9 @@ Examples:
   python -m nitro_dist.tune 'tune.search_space={"pool.candidates": {"grid": [1, 2, 4]}}'
 
 The YAML's ``tune`` section names the metric (digits: fid_digits_1step, reported at every
-train.eval_every), the mode, and the search space: dotted config keys mapped to {"grid": [...]},
+train.eval_every; a run of task ``prompts`` left at that default watches fid_teacher_1step,
+FID of student against teacher images, which needs eval.inception: see ``pick_metric``), the
+mode, and the search space: dotted config keys mapped to {"grid": [...]},
 {"choice": [...]}, {"uniform": [lo, hi]}, {"loguniform": [lo, hi]} or {"randint": [lo, hi]}.
 Every key is checked against the config tree before anything starts. Each trial is a real
 distributed training run: a Ray Train TorchTrainer launched inside the Tune function, its
@@ -30,6 +32,7 @@ from typing import Any
 
 from nitro_dist.config import (
     Config,
+    TuneConfig,
     config_from_dict,
     dump_yaml,
     get_key,
@@ -65,6 +68,38 @@ def check_space(cfg: Config) -> None:
                 trial_config(cfg, {key: v})
             except ValueError as e:
                 raise ValueError(f"tune.search_space.{key}: value {v!r}: {e}") from None
+
+
+def pick_metric(cfg: Config) -> Config:
+    """``cfg`` with the metric ASHA watches settled. A task that lists what it reports
+    (``metric_names``: task ``prompts``, and any task wrapped by ``eval.inception``/``eval.clip``)
+    has ``tune.metric`` checked against the list; left at the digits default, the metric becomes
+    fid_teacher_1step (min) when eval.inception is set, else clip_score_1step (max) when
+    eval.clip is; a ValueError naming the keys otherwise. Other tasks keep ``tune.metric``."""
+    from nitro_dist.tasks import task_of
+
+    t = cfg.tune
+    names_fn = getattr(task_of(cfg), "metric_names", None)
+    names = names_fn() if names_fn is not None else None
+    if names is None:
+        return cfg
+    reported = [f"{n}_{k}step" for n in names for k in (1, 2, 4)]
+    if t.metric in reported:
+        return cfg
+    if t.metric != TuneConfig().metric:
+        raise ValueError(
+            f"tune.metric: task {cfg.task!r} does not report {t.metric!r}; it reports "
+            f"{', '.join(reported)} (fid_teacher_* need eval.inception, clip_score_* eval.clip)"
+        )
+    if "fid_teacher" in names:
+        return with_values(cfg, {"tune.metric": "fid_teacher_1step", "tune.mode": "min"})
+    if "clip_score" in names:
+        return with_values(cfg, {"tune.metric": "clip_score_1step", "tune.mode": "max"})
+    raise ValueError(
+        f"tune.metric: {t.metric} is the digits task's metric; task {cfg.task!r} has no FID "
+        "without eval.inception (clean-fid's inception-2015-12-05.pt: tunes on fid_teacher_1step) "
+        f"or eval.clip (clip_score_1step), or name one of {', '.join(reported)}"
+    )
 
 
 def param_space(cfg: Config) -> dict[str, Any]:
@@ -114,6 +149,7 @@ def sweep(cfg: Config) -> dict[str, Any]:
     from nitro_dist.distributed.ray_train import connect, resolve_storage
 
     check_space(cfg)
+    cfg = pick_metric(cfg)
     os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")  # log-only reports
     connect(cfg)
     storage = resolve_storage(cfg.tune.storage_path)
@@ -214,8 +250,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.num_samples is not None:
         overrides.append(f"tune.num_samples={args.num_samples}")
     try:
-        cfg = load_config(args.config, overrides)
+        cfg = pick_metric(load_config(args.config, overrides))
         check_space(cfg)
+        print(f"tune.metric: {cfg.tune.metric} ({cfg.tune.mode})", flush=True)
         out = sweep(cfg)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -175,6 +175,7 @@ VALIDATE_CASES = {
         (["tune.reduction_factor=1"], "tune.reduction_factor"),
         (["tune.mode=best"], "tune.mode"),
     ],
+    "eval": [(["eval.inception=3"], "eval.inception"), (["eval.clip=[a]"], "eval.clip")],
     "logging": [(["logging.wandb_mode=sometimes"], "logging.wandb_mode")],
 }
 

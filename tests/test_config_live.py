@@ -87,6 +87,18 @@ SHARDS = {  # data.source=shards with in-process reading (a loader worker costs 
 }
 OFFLINE = {"teacher.mode": "offline", "teacher.offline_pairs": 8, "teacher.batch_size": 8}
 PROMPT_TASK = {**SHARDS, "task": "prompts", "train.sample_prompts": ["a cat", "a dog"]}
+
+
+def _cleanfid_imports() -> bool:
+    try:
+        import cleanfid.fid  # noqa: F401
+    except Exception:  # noqa: BLE001 - ImportError, or torchvision failing inside it
+        return False
+    return True
+
+
+# eval.inception: FID needs clean-fid (torchvision); without it the build refuses the key
+INCEPTION_PART = "metrics" if _cleanfid_imports() else "error"
 WANDB = {"logging.wandb": True}
 COMPILE = {"train.compile": True}
 
@@ -185,6 +197,8 @@ KEYS: dict[str, Case] = {
     "train.sample_prompts": Case(["a cat", "a dog"], "samples", "grids"),
     "train.eval_every": Case(1, "loop", "metrics_rows"),
     "train.eval_images": Case(12, "eval", "metrics", PROMPT_TASK),
+    "eval.inception": Case("{inception}", "eval", INCEPTION_PART, PROMPT_TASK),
+    "eval.clip": Case("{clip}", "eval", "metrics", PROMPT_TASK),
     "train.checkpoint_every": Case(0, "loop", "files"),
     "train.keep_checkpoints": Case(1, "loop", "files"),
     "train.grad_accum": Case(2, "step", "student_batches"),
@@ -724,6 +738,8 @@ class Paths:
     sdxl_file: str  # the tiny SDXL as a single-file checkpoint
     sdxl_configs: str  # its config folder
     sdxl_configs_b: str  # the same with another scheduler beta_end
+    inception: str  # a random TorchScript Inception in clean-fid's form
+    clip: str  # a random transformers CLIP folder
 
 
 @pytest.fixture(scope="module")
@@ -753,6 +769,7 @@ def paths(tmp_path_factory) -> Paths:
         write_shard(str(c / f"c-{k}.tar"), samples)
     from sdxl_files import write_configs, write_single_file
 
+    from nitro_dist.image_metrics import save_tiny_clip, save_tiny_inception
     from nitro_dist.models import tiny
     from nitro_dist.models.builders import build_tiny_sdxl
 
@@ -769,6 +786,8 @@ def paths(tmp_path_factory) -> Paths:
         str(sdxl_file),
         str(configs),
         str(configs_b),
+        str(save_tiny_inception(root / "inception.pt")),
+        str(save_tiny_clip(root / "clip")),
     )
 
 
