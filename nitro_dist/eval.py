@@ -116,11 +116,11 @@ def eval_task(cfg: Config, args) -> Task:
 
 
 def evaluate(args) -> list[dict[str, Any]]:
-    from nitro_dist import checkpoint_layout as ckpt
     from nitro_dist.inference import Generator
+    from nitro_dist.remote import open_checkpoint
     from nitro_dist.tasks import EVAL_SEED_OFFSET, WithImageMetrics
 
-    path = ckpt.resolve(args.checkpoint)
+    path = open_checkpoint(args.checkpoint)  # a run or checkpoint folder, local or s3://
     cfg = Generator.checkpoint_config(path)
     task = eval_task(cfg, args)
     comparison = task.comparison if isinstance(task, WithImageMetrics) else None

@@ -41,7 +41,7 @@ from typing import Any
 import torch
 
 from nitro_dist import checkpoint_layout as ckpt
-from nitro_dist.remote import is_remote, local_checkpoint, remote_checkpoint
+from nitro_dist import remote
 
 FORMATS = ("diffusers", "unet-safetensors", "single-file", "delta")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -107,9 +107,7 @@ def sidecar_path(out: Path) -> Path:
 
 def open_checkpoint(spec: str) -> Path:
     """A local checkpoint folder for ``spec`` (object storage: its inference parts, cached)."""
-    if is_remote(spec):
-        spec = local_checkpoint(remote_checkpoint(spec))
-    path = ckpt.resolve(spec)
+    path = remote.open_checkpoint(spec)
     if not (path / ckpt.GENERATOR / "config.json").exists():
         raise ValueError(f"--checkpoint: {path} has no {ckpt.GENERATOR}/ weights")
     if not (path / ckpt.SCHEDULER).is_dir():

@@ -24,6 +24,7 @@ from nitro_dist.config import Config, load_config
 from nitro_dist.diffusion import NitroLCMScheduler, StudentDenoiser, seeded_noise
 from nitro_dist.models.builders import build_tiny_sdxl, is_single_file, load_text_and_vae
 from nitro_dist.models.text import TextConditioner
+from nitro_dist.remote import open_checkpoint
 from nitro_dist.tasks import load_task
 
 
@@ -82,7 +83,7 @@ class Generator:
         dtype: torch.dtype = torch.float32,
         batch_size: int = 256,
     ) -> Generator:
-        path = ckpt.resolve(path)
+        path = open_checkpoint(path)
         cfg = cls.checkpoint_config(path)
         unet = UNet2DConditionModel.from_pretrained(
             ckpt.generator_dir(path, use_ema), use_safetensors=True
@@ -94,7 +95,7 @@ class Generator:
     @staticmethod
     def checkpoint_config(path: str | Path) -> Config:
         """The resolved config a checkpoint was trained with (defaults when it has none)."""
-        path = ckpt.resolve(path)
+        path = open_checkpoint(path)
         found = path / "config.yaml"
         return load_config(str(found)) if found.exists() else Config()
 

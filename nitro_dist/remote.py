@@ -7,13 +7,23 @@ import hashlib
 import os
 from pathlib import Path
 
-from nitro_dist.checkpoint_layout import is_remote, missing_parts
+from nitro_dist.checkpoint_layout import is_remote, missing_parts, resolve
 
 # what inference reads from a checkpoint (the heads and optimizer state stay remote)
 INFERENCE_PARTS = ("generator", "generator_ema", "scheduler", "config.yaml", "trainer_state.json")
 CACHE = Path(os.environ.get("NITRO_CACHE", Path.home() / ".cache" / "nitro_dist")) / "checkpoints"
 
-__all__ = ["is_remote", "local_checkpoint", "remote_checkpoint"]
+__all__ = ["is_remote", "local_checkpoint", "open_checkpoint", "remote_checkpoint"]
+
+
+def open_checkpoint(spec: str | Path) -> Path:
+    """The local checkpoint folder for a checkpoint or run folder, local or in object storage
+    (then its inference parts, copied into the cache): what eval, sample, export and inference
+    read."""
+    s = str(spec)
+    if is_remote(s):
+        s = local_checkpoint(remote_checkpoint(s))
+    return resolve(s)
 
 
 def remote_checkpoint(url: str) -> str:
