@@ -148,7 +148,7 @@ def evaluate(args) -> list[dict[str, Any]]:
     from nitro_dist.inference import Generator
     from nitro_dist.tasks import EVAL_SEED_OFFSET, task_of
 
-    path = ckpt.resolve(args.checkpoint)
+    path = ckpt.resolve(args.checkpoint, parts=ckpt.INFERENCE_PARTS)
     task = task_of(Generator.checkpoint_config(path))
     prompts = prompt_set(args.prompts, args.num_images, task)
     seeds = [EVAL_SEED_OFFSET + args.seed + i for i in range(len(prompts))]

@@ -109,7 +109,7 @@ def open_checkpoint(spec: str) -> Path:
     """A local checkpoint folder for ``spec`` (object storage: its inference parts, cached)."""
     if is_remote(spec):
         spec = local_checkpoint(remote_checkpoint(spec))
-    path = ckpt.resolve(spec)
+    path = ckpt.resolve(spec, parts=ckpt.INFERENCE_PARTS)
     if not (path / ckpt.GENERATOR / "config.json").exists():
         raise ValueError(f"--checkpoint: {path} has no {ckpt.GENERATOR}/ weights")
     if not (path / ckpt.SCHEDULER).is_dir():

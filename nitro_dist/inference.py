@@ -82,7 +82,7 @@ class Generator:
         dtype: torch.dtype = torch.float32,
         batch_size: int = 256,
     ) -> Generator:
-        path = ckpt.resolve(path)
+        path = ckpt.resolve(path, parts=ckpt.INFERENCE_PARTS)
         cfg = cls.checkpoint_config(path)
         unet = UNet2DConditionModel.from_pretrained(
             ckpt.generator_dir(path, use_ema), use_safetensors=True
@@ -94,7 +94,7 @@ class Generator:
     @staticmethod
     def checkpoint_config(path: str | Path) -> Config:
         """The resolved config a checkpoint was trained with (defaults when it has none)."""
-        path = ckpt.resolve(path)
+        path = ckpt.resolve(path, parts=ckpt.INFERENCE_PARTS)
         found = path / "config.yaml"
         return load_config(str(found)) if found.exists() else Config()
 
