@@ -4,12 +4,15 @@ The folder layout, completeness and finding checkpoints live in ``checkpoint_lay
 inference and serving use); this module writes and reads the training state: G's weights
 (+ EMA), the exported scheduler, G's consolidated optimizer state, the heads by global id, the
 trainer state and the resolved config. Every rank writes its own part (rank 0 the generator, each
-rank the heads it owns) and a ``ranks/rank_XXXXX.json`` that marks its part complete.
+rank the heads it owns) and last a ``ranks/rank_XXXXX.json`` listing its files with their sizes and
+checksums (``checkpoint_layout.write_part``): a checkpoint counts once every part verifies. Weights
+that are not finite are never written (``NonFiniteError``).
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -22,8 +25,10 @@ from nitro_dist.checkpoint_layout import (
     GENERATOR,
     GENERATOR_EMA,
     SCHEDULER,
-    missing_parts,
+    TRAINER_STATE,
+    verify,
     write_json,
+    write_part,
 )
 from nitro_dist.diffusion import NitroLCMScheduler
 from nitro_dist.discriminator.pool import HeadPool
@@ -31,6 +36,18 @@ from nitro_dist.distributed.g_update import GUpdate
 
 if TYPE_CHECKING:
     from diffusers import ModelMixin
+
+
+class NonFiniteError(FloatingPointError):
+    """Training produced NaN/inf: weights that are not finite, or too many skipped steps."""
+
+
+def check_finite(what: str, tensors) -> None:
+    """``NonFiniteError`` naming ``what`` when any tensor holds NaN or inf (one sync)."""
+    flags = [torch.isfinite(t).all() for t in tensors]
+    if flags and not bool(torch.stack(flags).all()):
+        raise NonFiniteError(f"{what}: NaN or inf in the weights; not writing this checkpoint")
+
 
 # ---------------------------------------------------------------------------------------------
 # pool
@@ -113,10 +130,16 @@ class Parts:
 def write_checkpoint(parts: Parts, folder: Path) -> None:
     """This rank's part of a checkpoint into ``folder``. Every rank calls it: under ZeRO the
     generator's weights and optimizer state are gathered (collective); rank 0 writes them, each
-    rank writes the heads it owns."""
+    rank writes the heads it owns, then its part file (last: it marks the part complete)."""
     lead = parts.rank == 0
     student = parts.g.full_module()  # fp32, full (gathered under ZeRO-3: collective)
+    check_finite(f"checkpoint part of rank {parts.rank}: heads", parts.pool.heads.parameters())
+    if lead:
+        check_finite("checkpoint: generator", student.parameters())
+        if parts.ema is not None:
+            check_finite("checkpoint: generator EMA", parts.ema.parameters())
     parts.g.save(folder / "optimizer", write=lead)
+    written = [f"pool/head_{hid:06d}.safetensors" for hid in parts.pool.owned]
     if lead:
         student.save_pretrained(folder / GENERATOR, safe_serialization=True)
         if parts.ema is not None:
@@ -127,15 +150,17 @@ def write_checkpoint(parts: Parts, folder: Path) -> None:
         if engine:
             (folder / "deepspeed").mkdir(parents=True, exist_ok=True)
             write_json(folder / "deepspeed" / "engine.json", engine)
-        write_json(folder / "trainer_state.json", parts.trainer_state)
+        write_json(folder / TRAINER_STATE, parts.trainer_state)
         (folder / "config.yaml").write_text(parts.config_yaml)
+        written += [GENERATOR, GENERATOR_EMA, SCHEDULER, "optimizer", "pool/manifest.json"]
+        written += ["deepspeed", TRAINER_STATE, "config.yaml"]
     save_pool(parts.pool, folder / "pool")
-    (folder / "ranks").mkdir(parents=True, exist_ok=True)
-    write_json(
-        folder / "ranks" / f"rank_{parts.rank:05d}.json",
+    write_part(
+        folder,
+        parts.rank,
+        parts.world_size,
+        written,
         {
-            "rank": parts.rank,
-            "world_size": parts.world_size,
             "heads": list(parts.pool.owned),
             "pool_params": sum(p.numel() for p in parts.pool.heads.parameters()),
             "pool_numel": parts.pool.numel(),  # parameters + AdamW state this rank held
@@ -143,23 +168,39 @@ def write_checkpoint(parts: Parts, folder: Path) -> None:
     )
 
 
+def resume_parts(owned_heads: Sequence[int]) -> list[str]:
+    """What a rank owning ``owned_heads`` reads to resume (all it downloads from object storage;
+    what ``load_weights`` verifies)."""
+    fixed = [GENERATOR, GENERATOR_EMA, "optimizer", "deepspeed", TRAINER_STATE, "config.yaml"]
+    return [*fixed, "pool/manifest.json", *(f"pool/head_{h:06d}.safetensors" for h in owned_heads)]
+
+
 def load_weights(
-    path: Path, student: torch.nn.Module, ema: torch.nn.Module | None
+    path: Path,
+    student: torch.nn.Module,
+    ema: torch.nn.Module | None,
+    parts: Sequence[str] | None = None,
 ) -> dict[str, Any]:
     """G and its EMA from ``path``, before G is wrapped (DeepSpeed partitions what it is given);
-    returns the trainer state (iteration, images_seen and, for shard data, data_cursor)."""
+    returns the trainer state (iteration, images_seen, skipped_steps and, for shard data,
+    data_cursor). ``parts``: what this rank reads (``resume_parts``; None: everything), verified
+    first."""
     from diffusers import UNet2DConditionModel
 
-    missing = missing_parts(path)
-    if missing:
-        raise ValueError(f"checkpoint {path} is incomplete: missing {', '.join(missing)}")
-    state = json.loads((path / "trainer_state.json").read_text())
+    problems = verify(path, parts=parts)
+    if problems:
+        raise ValueError(f"checkpoint {path} does not verify: {'; '.join(problems)}")
+    state = json.loads((path / TRAINER_STATE).read_text())
     loaded = UNet2DConditionModel.from_pretrained(path / GENERATOR, use_safetensors=True)
     student.load_state_dict(loaded.state_dict())
     if ema is not None and (path / GENERATOR_EMA).exists():
         saved = UNet2DConditionModel.from_pretrained(path / GENERATOR_EMA, use_safetensors=True)
         ema.load_state_dict(saved.state_dict())
-    out = {"iteration": state["iteration"], "images_seen": state["images_seen"]}
+    out = {
+        "iteration": state["iteration"],
+        "images_seen": state["images_seen"],
+        "skipped_steps": int(state.get("skipped_steps", 0)),
+    }
     if isinstance(state.get("data_cursor"), dict):
         out["data_cursor"] = state["data_cursor"]
     return out

@@ -156,6 +156,9 @@ class TrainConfig:
     eval_images: int = 500
     checkpoint_every: int = 500
     keep_checkpoints: int = 2
+    # Steps with a NaN/inf loss or gradient are skipped (no update anywhere, metric
+    # skipped_steps); this many in a row stop the run with an error.
+    max_nonfinite_steps: int = 5
     # Micro-batches per iteration: the local batch is split, G and head gradients accumulate.
     grad_accum: int = 1
     # Student and teacher UNets in channels-last (NHWC) memory format for the convolutions. Under
@@ -189,6 +192,9 @@ class DistributedConfig:
     # reaches this iteration, once per run. -1 = off. Env NITRO_FAIL_AT=iteration[:rank] also works.
     fail_at_iteration: int = -1
     fail_rank: int = 0
+    # Fault injection (testing the numeric guard): rank ``fail_rank`` makes its G loss NaN at
+    # these iterations (local runs too). Empty = off.
+    nan_at_iterations: list[int] = field(default_factory=list)
 
 
 @dataclass(kw_only=True)
@@ -495,6 +501,7 @@ def validate(cfg: Config) -> None:
         need(getattr(tr, key) >= 0, f"train.{key}", "must be >= 0")
     need(tr.grid_per_prompt >= 1, "train.grid_per_prompt", "must be >= 1")
     need(tr.keep_checkpoints >= 1, "train.keep_checkpoints", "must be >= 1")
+    need(tr.max_nonfinite_steps >= 1, "train.max_nonfinite_steps", "must be >= 1")
     need(tr.eval_images >= 10, "train.eval_images", "must be >= 10")
     need(tr.grad_accum >= 1, "train.grad_accum", "must be >= 1")
     d = cfg.distributed

@@ -22,6 +22,7 @@ from nitro_dist import checkpoint as ckpt
 from nitro_dist import checkpoint_layout as layout
 from nitro_dist.build import Run, build_run
 from nitro_dist.config import Config, dump_yaml
+from nitro_dist.distributed.owners import owned_by, owner_map
 from nitro_dist.images import save_sample_grids
 from nitro_dist.run_log import MetricsLogger, progress_line, say
 from nitro_dist.step import train_step
@@ -35,8 +36,11 @@ class Session(Protocol):
     rank: int
     world_size: int
 
-    def restore(self, resume: str | Path | None) -> contextlib.AbstractContextManager[Path | None]:
-        """The checkpoint to continue from, if any (a local folder while the context lasts)."""
+    def restore(
+        self, resume: str | Path | None, parts: list[str]
+    ) -> contextlib.AbstractContextManager[Path | None]:
+        """The checkpoint to continue from, if any (a local folder while the context lasts,
+        holding at least ``parts``: what this rank reads)."""
         ...
 
     def parallelize(self, run: Run) -> None: ...
@@ -67,8 +71,9 @@ class LocalSession:
         self.run_dir, self.root, self.keep = run_dir, run_dir / "checkpoints", keep
 
     @contextlib.contextmanager
-    def restore(self, resume: str | Path | None) -> Iterator[Path | None]:
-        yield Path(resume) if resume is not None else layout.latest(self.root)
+    def restore(self, resume: str | Path | None, parts: list[str]) -> Iterator[Path | None]:
+        """``resume`` as given, else the newest checkpoint of this run that verifies."""
+        yield Path(resume) if resume is not None else layout.latest(self.root, parts=parts)
 
     def parallelize(self, run: Run) -> None:
         pass  # the pool and G as build_run made them
@@ -133,9 +138,11 @@ def train(
         owned_heads=None if world == 1 else [],
         progress=progress,
     )
-    with session.restore(resume) as path:
-        if path is not None:
-            run.state = ckpt.load_weights(path, run.models.student, run.ema)  # before DeepSpeed
+    owned = owned_by(owner_map(run.layout, world), rank)  # the heads this rank will hold
+    parts = ckpt.resume_parts(owned)
+    with session.restore(resume, parts) as path:
+        if path is not None:  # verified, then G before DeepSpeed wraps it
+            run.state = ckpt.load_weights(path, run.models.student, run.ema, parts)
             if run.loader is not None:
                 run.loader.seek(run.state.get("data_cursor"))
         session.parallelize(run)
@@ -158,13 +165,29 @@ def train(
         disable=not (progress and sys.stderr.isatty()),
     )
     t_last, n_last = time.time(), run.state["images_seen"]
+    in_a_row = 0  # consecutive skipped (non-finite) steps
     for it in bar:
         session.check_fault(it)
         metrics = train_step(run, it)
-        run.state = {"iteration": it + 1, "images_seen": run.state["images_seen"] + tr.batch_size}
+        skipped = run.state.get("skipped_steps", 0) + int(metrics["skipped"])
+        in_a_row = in_a_row + 1 if metrics["skipped"] else 0
+        run.state = {
+            "iteration": it + 1,
+            "images_seen": run.state["images_seen"] + tr.batch_size,
+            "skipped_steps": skipped,
+        }
+        if in_a_row >= tr.max_nonfinite_steps:  # the flag is agreed: every rank stops here
+            raise ckpt.NonFiniteError(
+                f"train.max_nonfinite_steps: {in_a_row} steps in a row (iterations "
+                f"{it + 1 - in_a_row}..{it}) had a NaN/inf loss or gradient and were skipped; "
+                f"stopping. G and the heads are as after iteration {it - in_a_row}; the last "
+                "checkpoint holds finite weights. Lower optim.lr / pool.lr or optim.grad_clip, "
+                "or check the data."
+            )
         done, seen = it + 1, run.state["images_seen"]
         report: dict[str, Any] = {}
         if tr.log_every and done % tr.log_every == 0:
+            metrics["skipped_steps"] = skipped
             if run.loader is not None:
                 metrics.update(run.loader.metrics())
             metrics = session.reduce(metrics)
@@ -203,6 +226,7 @@ def train(
     final: dict[str, Any] = {
         "iteration": run.state["iteration"],
         "images_seen": run.state["images_seen"],
+        "skipped_steps": run.state.get("skipped_steps", 0),
     }
     if lead:
         assert logger is not None

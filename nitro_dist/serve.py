@@ -74,7 +74,7 @@ def resolve_checkpoint(spec: str) -> str:
         cfg = load_config("digits")
         run_dir = Path(cfg.distributed.storage_path) / cfg.run_name
         try:
-            return str(ckpt.resolve(run_dir).resolve())
+            return str(ckpt.resolve(run_dir, parts=ckpt.INFERENCE_PARTS).resolve())
         except ValueError:
             raise ValueError(
                 f"checkpoint: none given and the default digits run {run_dir.resolve()} has no "
@@ -82,7 +82,7 @@ def resolve_checkpoint(spec: str) -> str:
                 "CPU) or pass checkpoint=PATH"
             ) from None
     try:
-        return str(ckpt.resolve(spec).resolve())
+        return str(ckpt.resolve(spec, parts=ckpt.INFERENCE_PARTS).resolve())
     except ValueError:
         raise ValueError(f"checkpoint: no checkpoint found at {spec}") from None
 

@@ -6,13 +6,16 @@ under Ray Train. ``train_step`` is the whole iteration on one rank:
 
     draws = draw_iteration_noise(...)
     g = generator_turn(...)        # heads frozen; backbone with grad into x0_fake
-    g.loss.backward(); step G
+    g.loss.backward()
     d = discriminator_turn(...)    # backbone under no_grad; only the active heads learn
-    d.loss.backward(); step heads; refresh heads
+    d.loss.backward()
+    all finite on every rank? step G, EMA, step heads, refresh heads : update nothing
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -26,6 +29,7 @@ from nitro_dist.diffusion import StudentDenoiser, add_noise, seeded_noise
 from nitro_dist.discriminator.backbone import backbone_features
 from nitro_dist.discriminator.heads import Head, crop, head_scores
 from nitro_dist.discriminator.pool import Draw, PoolLayout, refresh_ids, sample_active
+from nitro_dist.distributed.parallel import all_ranks_agree
 from nitro_dist.models.text import Cond
 from nitro_dist.timing import NO_TIMER, Timer
 
@@ -330,7 +334,16 @@ def autocast(run: Run):
 
 
 def train_step(run: Run, iteration: int, timer: Timer = NO_TIMER) -> dict[str, float]:
-    """One iteration on this rank: G turn, G update, D turn, head update, refresh.
+    """One iteration on this rank: G turn, D turn, G update, head update, refresh.
+
+    Numeric faults: before anything is updated, G's loss, the D loss and the heads' gradients
+    are checked for NaN/inf on every rank and the verdict agreed over ranks (one all-reduce of
+    a flag); G's update rule adds its gradient norm (global). A step that is not finite updates
+    nothing: not G or its optimizer state, not the EMA, not the heads or their optimizer state,
+    no refresh (metric ``skipped`` = 1); the iteration still counts, and every random draw is
+    keyed by the iteration, so the run stays deterministic. With ``optim.d_steps_per_g_step`` > 1
+    a later D step that is not finite drops the remaining D updates only (the earlier updates
+    were finite). ``loop.train`` stops after ``train.max_nonfinite_steps`` in a row.
 
     ``timer`` names the phases (``timing.PhaseTimer`` measures them; the default does nothing)."""
     with autocast(run):
@@ -363,6 +376,7 @@ def _train_step(run: Run, iteration: int, timer: Timer) -> dict[str, float]:
     # G turn: heads frozen, gradients flow through the frozen backbone into x0_fake.
     for h in heads.values():
         h.requires_grad_(False)
+    poison = iteration in cfg.distributed.nan_at_iterations and rank == cfg.distributed.fail_rank
     g_loss, feats_fake = 0.0, []
     for sl in micro:
         g = generator_turn(
@@ -378,17 +392,13 @@ def _train_step(run: Run, iteration: int, timer: Timer) -> dict[str, float]:
             activation_checkpointing=cfg.model.gradient_checkpointing,
             timer=timer,
         )
+        loss = g.loss * float("nan") if poison else g.loss  # fault injection (tests, drills)
         with timer("g_backward"):
-            run.g.backward(cfg.loss.g_weight * g.loss)
-            g_loss += g.loss.item() / len(micro)
+            run.g.backward(cfg.loss.g_weight * loss)
+            g_loss += loss.item() / len(micro)
         feats_fake.append(g.feats_fake)
-    with timer("g_optimizer"):
-        gnorm = run.g.step()
-        if run.ema is not None:
-            with torch.no_grad(), run.g.full_params() as params:
-                for pe, p in zip(run.ema.parameters(), params, strict=True):
-                    pe.lerp_(p.to(pe.dtype), 1 - cfg.optim.ema_decay)
-    # D turn: backbone under no_grad (features reused from the G turn for fakes).
+    # D turn: backbone under no_grad (features reused from the G turn for fakes). It does not
+    # depend on G's update, so G steps after it: one agreed finite check guards both updates.
     for h in heads.values():
         h.requires_grad_(True)
     feats_real = [
@@ -404,6 +414,7 @@ def _train_step(run: Run, iteration: int, timer: Timer) -> dict[str, float]:
         )
         for sl in micro
     ]
+    gnorm, applied, clean = float("nan"), False, False
     for i in range(cfg.optim.d_steps_per_g_step):
         if i > 0:  # owners stepped: replicas of other ranks' heads must be fetched again
             with timer("pool_gather"):
@@ -422,11 +433,30 @@ def _train_step(run: Run, iteration: int, timer: Timer) -> dict[str, float]:
                 d_loss += d.loss.item() / len(micro)
             acc_real += d.acc_real / len(micro)
             acc_fake += d.acc_fake / len(micro)
-        pool.reduce_and_step(heads, timer)
-    with timer("refresh"):
-        refreshed = pool.refresh(
-            refresh_ids(run.layout, cfg.seed, iteration, cfg.pool.refresh_rate), iteration
-        )
+        finite = math.isfinite(d_loss) and grads_finite(heads.values())
+        if i == 0:
+            # G's loss here, G's gradient norm inside g.step (global: the same on every rank)
+            ok = all_ranks_agree(finite and math.isfinite(g_loss), run.world_size, run.device)
+            with timer("g_optimizer"):
+                gnorm, applied = run.g.step(apply=ok)
+                if applied and run.ema is not None:
+                    with torch.no_grad(), run.g.full_params() as params:
+                        for pe, p in zip(run.ema.parameters(), params, strict=True):
+                            pe.lerp_(p.to(pe.dtype), 1 - cfg.optim.ema_decay)
+            pool.reduce_and_step(heads, timer, apply=applied)
+            clean = applied
+        else:  # a later D step that is not finite: it and the rest are dropped, G's step stands
+            ok = all_ranks_agree(finite, run.world_size, run.device)
+            pool.reduce_and_step(heads, timer, apply=ok)
+            clean = ok
+        if not ok:
+            break
+    refreshed: list[int] = []
+    if applied:  # a skipped step changes nothing: no refresh either
+        with timer("refresh"):
+            refreshed = pool.refresh(
+                refresh_ids(run.layout, cfg.seed, iteration, cfg.pool.refresh_rate), iteration
+            )
     return {
         "g_loss": g_loss,
         "d_loss": d_loss,
@@ -437,7 +467,16 @@ def _train_step(run: Run, iteration: int, timer: Timer) -> dict[str, float]:
         "active_heads": len(draw.head_ids),
         "refreshed_heads": len(refreshed),
         "mean_k": noise.k_B.float().mean().item(),
+        "skipped": float(not clean),  # 1: NaN/inf somewhere, updates skipped (see train_step)
     }
+
+
+def grads_finite(heads: Iterable[nn.Module]) -> bool:
+    """Every gradient of ``heads`` is finite (one device sync)."""
+    flags = [
+        torch.isfinite(p.grad).all() for h in heads for p in h.parameters() if p.grad is not None
+    ]
+    return bool(torch.stack(flags).all()) if flags else True
 
 
 def micro_slices(batch: int, n: int) -> list[slice]:

@@ -59,6 +59,7 @@ import torch
 
 from nitro_dist import loop
 from nitro_dist.build import build_run, models_of
+from nitro_dist.checkpoint import NonFiniteError
 from nitro_dist.config import Config, get_key, load_config, to_dict, with_values
 from nitro_dist.diffusion import shifted
 from nitro_dist.discriminator.pool import refresh_ids, sample_active
@@ -201,6 +202,7 @@ KEYS: dict[str, Case] = {
     "eval.clip": Case("{clip}", "eval", "metrics", PROMPT_TASK),
     "train.checkpoint_every": Case(0, "loop", "files"),
     "train.keep_checkpoints": Case(1, "loop", "files"),
+    "train.max_nonfinite_steps": Case(1, "loop", "stopped", {"distributed.nan_at_iterations": [0]}),
     "train.grad_accum": Case(2, "step", "student_batches"),
     "train.channels_last": Case(True, "run", "student"),
     "train.compile": Case(True, "run", "student"),
@@ -219,6 +221,7 @@ KEYS: dict[str, Case] = {
     "distributed.fail_rank": Case(
         1, "fault", "exits", {"distributed.num_workers": 2, "distributed.fail_at_iteration": 1}
     ),
+    "distributed.nan_at_iterations": Case([0], "step", "metrics"),
     # tune
     "tune.metric": Case("fid_digits_4step", "tune", "tune_config"),
     "tune.mode": Case("max", "tune", "tune_config"),
@@ -504,12 +507,19 @@ def probe_loop(cfg: Config, scratch: Path) -> dict[str, Any]:
     run_dir = scratch / "run"
     stdout = io.StringIO()
     fast_build = lambda c, **kw: build_run(c, models=shared_models(c), **kw)
+    final: dict[str, Any] = {}
+    stopped = None  # the run stopped itself (train.max_nonfinite_steps)
     with mock.patch.object(loop, "build_run", fast_build), contextlib.redirect_stdout(stdout):
-        final = loop.train(cfg, run_dir)
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        try:
+            final = loop.train(cfg, run_dir)
+        except NonFiniteError as e:
+            stopped = str(e)
+    log = run_dir / "metrics.jsonl"  # none when the run stopped before its first row
+    rows = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
     return {
         "metrics_rows": [(r["iteration"], r["images_seen"], sorted(r)) for r in rows],
         "final": sorted(final),
+        "stopped": stopped,
         "files": files(run_dir),
         "stdout": [line.split("]")[0] for line in stdout.getvalue().splitlines()],
     }

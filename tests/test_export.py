@@ -15,6 +15,7 @@ from diffusers import LCMScheduler, StableDiffusionXLPipeline, UNet2DConditionMo
 from safetensors.torch import load_file, save_file
 from sdxl_files import assert_same_weights, perturbed, wide_sdxl, write_configs, write_single_file
 
+from nitro_dist import checkpoint_layout
 from nitro_dist.config import dump_yaml, load_config
 from nitro_dist.diffusion import NitroLCMScheduler
 from nitro_dist.export import main, sidecar_path
@@ -49,6 +50,8 @@ def run(tmp_path_factory):
     )
     (ckpt / "config.yaml").write_text(dump_yaml(cfg))
     (ckpt / "trainer_state.json").write_text(json.dumps({"iteration": 3, "world_size": 1}))
+    written = [p.name for p in ckpt.iterdir()]
+    checkpoint_layout.write_part(ckpt, 0, 1, written, {})  # what a training rank writes last
     return SimpleNamespace(
         m=m,
         configs=configs,

@@ -187,8 +187,11 @@ class Pool(Protocol):
         """Send the heads' gradients as the D backward makes them (no-op on one process)."""
         ...
 
-    def reduce_and_step(self, heads: dict[int, Head], timer: Timer = NO_TIMER) -> None:
-        """Average the active heads' gradients over ranks; owners step AdamW."""
+    def reduce_and_step(
+        self, heads: dict[int, Head], timer: Timer = NO_TIMER, apply: bool = True
+    ) -> None:
+        """Average the active heads' gradients over ranks; owners step AdamW (``apply`` False:
+        the gradients are dropped, weights and AdamW state stay as they are)."""
         ...
 
     def refresh(self, head_ids: list[int], iteration: int) -> list[int]:
@@ -241,13 +244,16 @@ class HeadPool(torch.nn.Module):
     def watch_grads(self, heads: dict[int, Head]) -> None:
         """Same interface as the sharded pool: one process has no gradients to send."""
 
-    def reduce_and_step(self, heads: dict[int, Head], timer: Timer = NO_TIMER) -> None:
+    def reduce_and_step(
+        self, heads: dict[int, Head], timer: Timer = NO_TIMER, apply: bool = True
+    ) -> None:
         with timer("heads_optimizer"):
-            self.step()
+            self.step(apply)
 
-    def step(self) -> None:
-        """AdamW step on heads that have gradients, then clear them."""
-        self.optimizer.step()
+    def step(self, apply: bool = True) -> None:
+        """AdamW step on heads that have gradients (unless not ``apply``), then clear them."""
+        if apply:
+            self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
 
     def refresh(self, head_ids: list[int], iteration: int) -> list[int]:

@@ -14,6 +14,7 @@ DeepSpeed's own ``save_checkpoint`` would pickle partitioned state.
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -38,8 +39,11 @@ class GUpdate(Protocol):
 
     def backward(self, loss: torch.Tensor) -> None: ...
 
-    def step(self) -> float:
-        """Optimizer step after ``train.grad_accum`` backwards; returns the gradient norm."""
+    def step(self, apply: bool = True) -> tuple[float, bool]:
+        """Optimizer step after ``train.grad_accum`` backwards; returns (gradient norm before
+        clipping, stepped). No step when ``apply`` is False or the norm is not finite: the
+        gradients are dropped and G and its optimizer state stay as they were. ``apply`` must
+        be the same on every rank; the norm is global, so ``stepped`` is too."""
         ...
 
     def full_params(self) -> contextlib.AbstractContextManager[list[torch.nn.Parameter]]:
@@ -78,13 +82,15 @@ class TorchUpdate:
     def backward(self, loss: torch.Tensor) -> None:
         (loss / self.accum).backward()
 
-    def step(self) -> float:
+    def step(self, apply: bool = True) -> tuple[float, bool]:
         if self.world_size > 1:
-            self._average_grads()
-        norm = torch.nn.utils.clip_grad_norm_(self.student.parameters(), self.grad_clip)
-        self.optimizer.step()
+            self._average_grads()  # the same gradients, so the same norm, on every rank
+        norm = float(torch.nn.utils.clip_grad_norm_(self.student.parameters(), self.grad_clip))
+        stepped = apply and math.isfinite(norm)
+        if stepped:
+            self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return float(norm)
+        return norm, stepped
 
     def _average_grads(self) -> None:
         """One flat all-reduce of every gradient, divided by the number of ranks."""
@@ -179,17 +185,37 @@ class DeepSpeedUpdate:
         if self._pending < self.accum:
             self.engine.step()  # not a boundary: only advances DeepSpeed's micro-step counter
 
-    def step(self) -> float:
+    def step(self, apply: bool = True) -> tuple[float, bool]:
+        """The engine's step with its base optimizer's step guarded: skipped unless ``apply``
+        and (stage 0) the norm is finite; ZeRO 1-3 skip a non-finite norm themselves (their
+        overflow path). The engine's counters advance either way."""
         assert self._pending == self.accum, "step() after exactly grad_accum backward() calls"
         norm = None
         if self.stage == 0:  # DeepSpeed clips stage-0 fp32 gradients but does not keep the norm
             grads = [p.grad.norm() for p in self.student.parameters() if p.grad is not None]
             norm = float(torch.linalg.vector_norm(torch.stack(grads))) if grads else 0.0
-        self.engine.step()
+        go = apply and (norm is None or math.isfinite(norm))
+        base = self._base()
+        real_step = base.step
+
+        def guarded_step(*args: Any, **kwargs: Any) -> Any:
+            return real_step(*args, **kwargs) if go else None
+
+        own = vars(base).get("step")  # an instance attribute someone set (else the class's)
+        base.step = guarded_step  # type: ignore[method-assign]
+        try:
+            self.engine.step()
+        finally:
+            if own is None:
+                del base.step
+            else:
+                base.step = own  # type: ignore[method-assign]
         self._pending = 0
         if norm is None:
             norm = self.engine.get_global_grad_norm()
-        return float(norm) if norm is not None else float("nan")
+        norm = float(norm) if norm is not None else float("nan")
+        overflow = bool(getattr(self.optimizer, "overflow", False))
+        return norm, go and math.isfinite(norm) and not overflow
 
     @contextlib.contextmanager
     def full_params(self) -> Iterator[list[torch.nn.Parameter]]:

@@ -28,6 +28,18 @@ def parallelize(run: Run, rank: int, world_size: int) -> None:
     run.g = DeepSpeedUpdate(run.models.student, cfg, world_size)
 
 
+def all_ranks_agree(ok: bool, world_size: int, device: torch.device | str = "cpu") -> bool:
+    """``ok`` on every rank (one all-reduce of a flag, MIN); on one rank the local flag. Every
+    rank calls it at the same point of the iteration."""
+    if world_size == 1:
+        return ok
+    import torch.distributed as dist
+
+    flag = torch.tensor([1.0 if ok else 0.0], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item() > 0)
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     """A TCP port nothing listens on right now (for a rendezvous or a test server)."""
     with socket.socket() as s:

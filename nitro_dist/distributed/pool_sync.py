@@ -97,8 +97,11 @@ class ShardedPool:
             for b in self._buckets:
                 b.watch(self._launch_ready)
 
-    def reduce_and_step(self, heads: dict[int, Head], timer: Timer = NO_TIMER) -> None:
-        """Average the active heads' gradients over ranks; owners step."""
+    def reduce_and_step(
+        self, heads: dict[int, Head], timer: Timer = NO_TIMER, apply: bool = True
+    ) -> None:
+        """Average the active heads' gradients over ranks; owners step (``apply`` False, agreed
+        by every rank: the collectives finish, the gradients are dropped)."""
         with timer("pool_comm"):
             if not self._buckets:  # nobody called watch_grads: all buckets now
                 self._buckets = self._make_buckets(heads)
@@ -111,7 +114,7 @@ class ShardedPool:
                 self.bytes_moved += b.buf.numel() * b.buf.element_size()
             self._buckets = []
         with timer("heads_optimizer"):
-            self.local.step()
+            self.local.step(apply)
 
     def _make_buckets(self, heads: dict[int, Head]) -> list[_Bucket]:
         """Parameters in buckets of ~bucket_mb; one bucket (one collective) without overlap."""

@@ -255,9 +255,12 @@ class RaySession:
     # -- set-up -----------------------------------------------------------------------------
 
     @contextlib.contextmanager
-    def restore(self, resume: str | Path | None) -> Iterator[Path | None]:
+    def restore(self, resume: str | Path | None, parts: list[str]) -> Iterator[Path | None]:
         """Ray's latest checkpoint of this run (after a failure, or a rerun of the same name), else
-        the one given to ``launch(resume=...)`` (a local folder or a URL), else none."""
+        the one given to ``launch(resume=...)`` (a local folder or a URL), else none. One that
+        does not verify (sizes) falls back to the run's newest that does, with a warning. From
+        object storage each rank downloads ``parts`` (what it reads: G, its optimizer state, the
+        heads it owns) into a folder of its own."""
         import ray.train
 
         found = ray.train.get_checkpoint()
@@ -268,16 +271,42 @@ class RaySession:
             yield None
             return
         if found.filesystem.type_name == "local":
-            yield Path(found.path)
+            yield self._verified(Path(found.path), parts)
             return
-        # remote: each rank downloads into its own folder (Ray's shared as_directory() download
-        # let one rank read files another was still writing)
+        handler = getattr(found.filesystem, "handler", None)
+        fs = getattr(handler, "fs", None)  # the fsspec filesystem ray_storage wrapped
         folder = Path(tempfile.mkdtemp(prefix=f"nitro-restore-r{self.rank}-"))
         try:
-            found.to_directory(str(folder))
+            if fs is None:  # not one of ours: all of it
+                found.to_directory(str(folder))
+            else:
+                src = self._verified_remote(fs, found.path, parts)
+                for part in [*parts, layout.RANKS, layout.TRAINER_STATE]:
+                    if fs.isdir(f"{src}/{part}"):
+                        fs.get(f"{src}/{part}", str(folder / part), recursive=True)
+                    elif fs.exists(f"{src}/{part}"):
+                        (folder / part).parent.mkdir(parents=True, exist_ok=True)
+                        fs.get_file(f"{src}/{part}", str(folder / part))
             yield folder
         finally:
             shutil.rmtree(folder, ignore_errors=True)
+
+    def _verified(self, path: Path, parts: list[str]) -> Path:
+        """``path`` if its ``parts`` verify, else the newest checkpoint beside it that does."""
+        if not layout.verify(path, parts=parts):
+            return path
+        found = layout.newest_verified(str(path.parent), parts=parts)
+        if found is None:
+            raise ValueError(f"resume: {path} does not verify and no checkpoint beside it does")
+        return Path(found)
+
+    def _verified_remote(self, fs: Any, path: str, parts: list[str]) -> str:
+        if not layout.verify(path, fs, parts=parts, hash_parts=()):
+            return path
+        found = layout.newest_verified(path.rsplit("/", 1)[0], fs, parts=parts, hash_parts=())
+        if found is None:
+            raise ValueError(f"resume: {path} does not verify and no checkpoint beside it does")
+        return found
 
     def parallelize(self, run) -> None:
         """Shard the pool over ranks and put G under DeepSpeed (parallelism from outside)."""
@@ -324,7 +353,10 @@ class RaySession:
         import ray.train
 
         it = run.state["iteration"]
-        folder = Path(tempfile.mkdtemp(prefix=f"nitro-ckpt-r{self.rank}-"))
+        tmp_root = Path(tempfile.gettempdir())
+        prefix = f"nitro-ckpt-r{self.rank}-"
+        layout.clean_stale(tmp_root, prefix)  # parts a killed worker of this host left
+        folder = Path(tempfile.mkdtemp(prefix=prefix, suffix=f"-{os.getpid()}", dir=tmp_root))
         ckpt.write_checkpoint(run.checkpoint_parts(), folder)
         ray.train.report(
             _scalars(metrics),
