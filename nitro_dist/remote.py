@@ -68,6 +68,18 @@ def remote_checkpoint(url: str) -> str:
     return f"{url}/{found.rsplit('/', 1)[-1]}"
 
 
+def _parts_fingerprint(fs, path: str) -> str:
+    h = hashlib.sha256()
+    try:
+        names = sorted(fs.ls(f"{path}/{RANKS}", detail=False))
+    except FileNotFoundError:
+        names = []
+    for name in names:
+        h.update(name.encode())
+        h.update(fs.cat_file(name))
+    return h.hexdigest()
+
+
 def local_checkpoint(spec: str) -> str:
     """A local folder holding the checkpoint's inference parts (``spec`` itself if local). The
     copy is marked complete only once its files match the checksums the ranks recorded."""
@@ -76,7 +88,10 @@ def local_checkpoint(spec: str) -> str:
     import fsspec
 
     fs, path = fsspec.core.url_to_fs(spec)
-    dest = CACHE / hashlib.sha256(spec.encode()).hexdigest()[:16]
+    # keyed by the URL and what its ranks recorded (every file's size and checksum): a run
+    # written again at the same URL is a new copy, never a stale one
+    key = f"{spec}\n{_parts_fingerprint(fs, path)}"
+    dest = CACHE / hashlib.sha256(key.encode()).hexdigest()[:16]
     done = dest / ".complete"
     if not done.exists():
         clean_stale(CACHE, prefix=f"{dest.name}.tmp")  # copies a killed process left
