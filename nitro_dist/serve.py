@@ -5,13 +5,15 @@
   serve deploy cluster/serve_config.yaml                      # the same app on a cluster
 
 Endpoints: ``POST /v1/images`` (JSON in; JSON with base64 PNGs or ``image/png`` out),
-``GET /healthz``, ``GET /`` (a page to try prompts). Two deployments: ``Generator`` (the model,
-one per GPU on a cluster, dynamic batching grouped by steps and size) and ``Ingress`` (HTTP,
-validation, backpressure answered with 503).
+``POST /v1/images/generations`` and ``GET /v1/models`` (OpenAI-compatible: the ``openai`` client
+works against this server), ``GET /healthz``, ``GET /`` (a page to try prompts). Two
+deployments: ``Generator`` (the model, one per GPU on a cluster, dynamic batching grouped by
+steps and size) and ``Ingress`` (HTTP, validation, backpressure answered with 503).
 """
 
 import asyncio
 import random
+import time
 from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
@@ -26,7 +28,24 @@ from ray.exceptions import RayActorError
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
-from nitro_dist.image_api import SEED_MAX, ImageRequest, Job, Limits, Result, b64, png_strip
+from nitro_dist.image_api import (
+    MAX_IMAGES,
+    SEED_MAX,
+    ImageRequest,
+    Job,
+    Limits,
+    OpenAIError,
+    Result,
+    b64,
+    model_card,
+    model_name_of,
+    models_list,
+    openai_images_response,
+    openai_job,
+    png_strip,
+    result_headers,
+    unknown_model,
+)
 
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
@@ -55,6 +74,11 @@ class AppArgs(BaseModel):
     )
     num_cpus: float = Field(default=0.5, gt=0, description="CPUs per generator replica")
     use_ema: bool = True
+    model_name: str = Field(
+        default="",
+        description="the model's name in the OpenAI-compatible API (GET /v1/models, the "
+        "'model' parameter); default: the run folder's name",
+    )
 
 
 APP_ARGS = tuple(AppArgs.model_fields)
@@ -163,6 +187,15 @@ def _plain(errors: Sequence[dict]) -> list[dict]:
     ]
 
 
+class Unavailable(Exception):
+    """No generator could take the request now: answered 503 with ``Retry-After``."""
+
+    def __init__(self, message: str, retry_after: str) -> None:
+        super().__init__(message)
+        self.message = message
+        self.retry_after = retry_after
+
+
 def _page() -> str:
     return resources.files("nitro_dist").joinpath("web/index.html").read_text()
 
@@ -170,14 +203,27 @@ def _page() -> str:
 @serve.deployment(name="Ingress")
 @serve.ingress(api)
 class Ingress:
-    def __init__(self, generator: DeploymentHandle) -> None:
+    def __init__(self, generator: DeploymentHandle, model_name: str) -> None:
         self.generator = generator
+        self.model_name = model_name
+        self.created = int(time.time())  # OpenAI's Model.created: when this app came up
         self._info: dict | None = None
 
     async def _model_info(self) -> dict:
         if self._info is None:
             self._info = await self.generator.info.remote()
         return self._info
+
+    async def _generate(self, job: Job) -> Result:
+        try:
+            return await self.generator.generate.remote(job)
+        except BackPressureError as e:
+            raise Unavailable(f"server busy, retry shortly ({e})", "1") from e
+        except RayActorError as e:  # also ActorDiedError, ActorUnavailableError
+            # the replica died under this request; Serve is starting a new one
+            raise Unavailable(
+                f"generator replica restarting, retry shortly ({type(e).__name__})", "5"
+            ) from e
 
     @api.get("/", response_class=HTMLResponse)
     async def page(self) -> str:
@@ -193,7 +239,7 @@ class Ingress:
         except Exception as e:  # not up yet, restarting, or gone: say so, don't crash
             return JSONResponse({"status": "unavailable", "error": repr(e)}, status_code=503)
         self._info = info
-        return JSONResponse({"status": "ok", **info})
+        return JSONResponse({"status": "ok", "model": self.model_name, **info})
 
     @api.post("/v1/images")
     async def images(self, req: ImageRequest) -> Response:
@@ -212,31 +258,12 @@ class Ingress:
             )
         job = Job(req.prompt, req.steps, seed, req.num_images, height, width)
         try:
-            result: Result = await self.generator.generate.remote(job)
-        except BackPressureError as e:
+            result = await self._generate(job)
+        except Unavailable as e:
             return JSONResponse(
-                {"error": f"server busy, retry shortly ({e})"},
-                status_code=503,
-                headers={"Retry-After": "1"},
+                {"error": e.message}, status_code=503, headers={"Retry-After": e.retry_after}
             )
-        except RayActorError as e:  # also ActorDiedError, ActorUnavailableError
-            # the replica died under this request; Serve is starting a new one
-            return JSONResponse(
-                {"error": f"generator replica restarting, retry shortly ({type(e).__name__})"},
-                status_code=503,
-                headers={"Retry-After": "5"},
-            )
-        headers = {
-            "X-Seeds": ",".join(map(str, result.seeds)),
-            "X-Steps": str(req.steps),
-            "X-Prompt-Tokens": str(result.prompt_tokens),
-            "X-Batch-Images": str(result.batch_images),  # images in the model call it rode in
-        }
-        if result.truncated:
-            headers["X-Prompt-Truncated"] = (
-                f"prompt has {result.prompt_tokens} tokens; the text encoder read the first "
-                f"{limits.max_tokens}"
-            )
+        headers = result_headers(result, req.steps, limits.max_tokens)
         if req.format == "png":
             png = result.pngs[0] if len(result.pngs) == 1 else png_strip(result.pngs)
             return Response(content=png, media_type="image/png", headers=headers)
@@ -250,6 +277,40 @@ class Ingress:
             "truncated": result.truncated,
         }
         return JSONResponse(body, headers=headers)
+
+    @api.post("/v1/images/generations")
+    async def openai_images(self, request: Request) -> JSONResponse:
+        """OpenAI's images API over the same generator: the same seed gives the same image as
+        ``/v1/images``; errors in OpenAI's shape (400 naming the parameter)."""
+        limits = Limits(**(await self._model_info())["limits"])
+        try:
+            job = openai_job(
+                await request.body(),
+                limits,
+                self.model_name,
+                random.randint(0, SEED_MAX - MAX_IMAGES),
+            )
+            result = await self._generate(job)
+        except OpenAIError as e:
+            return JSONResponse(e.body(), status_code=e.status)
+        except Unavailable as e:
+            err = OpenAIError(503, e.message, type="server_error")
+            return JSONResponse(err.body(), status_code=503, headers={"Retry-After": e.retry_after})
+        return JSONResponse(
+            openai_images_response(result, job, int(time.time())),
+            headers=result_headers(result, job.steps, limits.max_tokens),
+        )
+
+    @api.get("/v1/models")
+    async def openai_models(self) -> JSONResponse:
+        return JSONResponse(models_list(self.model_name, self.created))
+
+    @api.get("/v1/models/{model:path}")  # a name given with model_name may hold "/"
+    async def openai_model(self, model: str) -> JSONResponse:
+        if model != self.model_name:
+            err = unknown_model(model, self.model_name)
+            return JSONResponse(err.body(), status_code=err.status)
+        return JSONResponse(model_card(self.model_name, self.created))
 
 
 def _device(device: str) -> str:
@@ -268,6 +329,7 @@ def app(args: dict) -> serve.Application:
     """Application builder: ``serve run nitro_dist.serve:app key=value ...``."""
     a = args if isinstance(args, AppArgs) else AppArgs.model_validate(args)
     checkpoint = resolve_checkpoint(a.checkpoint)
+    model_name = a.model_name or model_name_of(checkpoint)
     device = _device(a.device)
     dtype = a.dtype if a.dtype != "auto" else ("bf16" if device == "cuda" else "fp32")
     actor = {"num_gpus": 1, "num_cpus": 1} if device == "cuda" else {"num_cpus": a.num_cpus}
@@ -293,4 +355,4 @@ def app(args: dict) -> serve.Application:
         ray_actor_options={"num_cpus": 0.1},
         max_ongoing_requests=ingress_cap + a.max_queued_requests,
         max_queued_requests=a.max_queued_requests,
-    ).bind(generator)
+    ).bind(generator, model_name)

@@ -211,6 +211,61 @@ def test_checkpoint_in_s3_serves_the_same_images(base_url):
     assert status == 200 and images_of(body)[0] == local
 
 
+@pytest.mark.slow
+def test_openai_client_gets_the_same_images_and_openai_errors(base_url, run_dir):
+    """``POST /v1/images/generations`` and ``GET /v1/models`` with the real ``openai`` client:
+    the same seeds give the same PNGs as /v1/images; bad parameters are 400 naming the
+    parameter, an unknown model 404 ``model_not_found``, in OpenAI's error shape."""
+    import openai
+
+    client = openai.OpenAI(base_url=f"{base_url}/v1", api_key="unused", max_retries=0, timeout=60)
+    (model,) = client.models.list().data
+    assert model.id == run_dir.name and model.owned_by == "nitro_dist"  # the run folder's name
+    assert client.models.retrieve(run_dir.name).id == run_dir.name
+    with urllib.request.urlopen(f"{base_url}/s3/v1/models", timeout=30) as r:
+        assert [m["id"] for m in json.loads(r.read())["data"]] == ["served"]  # s3://.../served
+    raw = client.images.with_raw_response.generate(
+        model=model.id,
+        prompt=PROMPTS[3],
+        n=2,
+        size="8x8",
+        response_format="b64_json",
+        extra_body={"seed": 3, "steps": 2},
+    )
+    assert raw.headers["X-Seeds"] == "3,4" and raw.headers["X-Steps"] == "2"
+    out = raw.parse()
+    assert out.size == "8x8" and out.data is not None
+    pngs = [base64.b64decode(d.b64_json or "") for d in out.data]
+    same = {"prompt": PROMPTS[3], "steps": 2, "seed": 3, "num_images": 2}
+    assert pngs == images_of(post(f"{base_url}/v1/images", same)[2])
+    wide = client.images.generate(prompt=PROMPTS[3], size="16x8", extra_body={"seed": 3})
+    assert wide.data is not None and len(wide.data) == 1  # no model: the served one; n: 1
+    assert Image.open(io.BytesIO(base64.b64decode(wide.data[0].b64_json or ""))).size == (16, 8)
+    bad: list[tuple[dict[str, Any], str]] = [
+        ({"response_format": "url"}, "response_format"),
+        ({"size": "9x8"}, "size"),
+        ({"size": "1024x1024"}, "size"),
+        ({"size": "eight"}, "size"),
+        ({"n": 9}, "n"),
+        ({"quality": "hd"}, "quality"),
+        ({"extra_body": {"steps": 5}}, "steps"),
+        ({"extra_body": {"seed": -1}}, "seed"),
+    ]
+    for kwargs, param in bad:
+        with pytest.raises(openai.BadRequestError) as e:
+            client.images.generate(model=model.id, prompt=PROMPTS[1], **kwargs)
+        assert e.value.status_code == 400 and e.value.param == param, (kwargs, e.value.body)
+        assert isinstance(e.value.body, dict) and e.value.body["type"] == "invalid_request_error"
+        assert e.value.body["message"].startswith(param), e.value.body
+    with pytest.raises(openai.NotFoundError) as missing:
+        client.images.generate(model="dall-e-3", prompt=PROMPTS[1])
+    assert missing.value.code == "model_not_found" and run_dir.name in missing.value.message
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("dall-e-3")
+    status, _, body = post(f"{base_url}/v1/images/generations", b'{"prompt": ')
+    assert status == 400 and json.loads(body)["error"]["message"].startswith("body: malformed")
+
+
 def test_app_arguments_are_checked_before_anything_starts(tmp_path, monkeypatch):
     from pydantic import ValidationError
 
