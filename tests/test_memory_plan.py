@@ -86,9 +86,3 @@ def test_bad_input_is_a_clear_error(capsys):
     assert "distributed.num_workers" in capsys.readouterr().err
     assert main(["--config", "tiny", "--device-memory", "lots"]) == 2
     assert "--device-memory" in capsys.readouterr().err
-
-
-@pytest.mark.slow
-def test_sdxl_plan_with_activations():
-    p = MP.plan(load_config("sdxl_realism"))
-    assert p.activations > 1 * MP.GiB  # micro-batch 2 at 1024², checkpointed
