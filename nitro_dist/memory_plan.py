@@ -247,7 +247,8 @@ def fake_iteration_peak(cfg: Config, arch: Arch, micro_batch: int) -> tuple[int,
         student = UNet2DConditionModel.from_config(arch.unet).train()
         # built in its dtype: Module.to cannot swap fake parameters
         frozen_dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
-        default, _ = torch.get_default_dtype(), torch.set_default_dtype(frozen_dtype)
+        default = torch.get_default_dtype()
+        torch.set_default_dtype(frozen_dtype)
         try:
             teacher = UNet2DConditionModel.from_config(arch.unet).requires_grad_(False).eval()
         finally:
