@@ -32,7 +32,6 @@ from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-from nitro_dist import losses
 from nitro_dist import step as S
 from nitro_dist.config import Config
 from nitro_dist.diffusion import StudentDenoiser
@@ -218,21 +217,12 @@ def iteration_peak(
     tracker = LiveBytes(keep_real=isinstance(next(student.parameters()), FakeTensor))
     hooks = tracker.exclude_grads(student)
     with tracker, torch.autocast("cpu", torch.bfloat16, enabled=bf16):
-        for h in heads.values():
-            h.requires_grad_(False)
-        g = S.generator_turn(
+        S.replay_phases(
             student, teacher, denoiser, heads, layout, batch, noise, draw,
-            loss_type=cfg.loss.type, activation_checkpointing=cfg.model.gradient_checkpointing,
+            loss_type=cfg.loss.type, d_steps=cfg.optim.d_steps_per_g_step,
+            activation_checkpointing=cfg.model.gradient_checkpointing,
+            grad_accum=cfg.train.grad_accum,
         )  # fmt: skip
-        (g.loss / cfg.train.grad_accum).backward()
-        for h in heads.values():
-            h.requires_grad_(True)
-        real = S.real_features(teacher, denoiser, heads, layout, batch, noise, draw)
-        for _ in range(cfg.optim.d_steps_per_g_step):
-            r = S.judge(heads, layout, *real, noise.crops)
-            f = S.judge(heads, layout, *g.feats_fake, noise.crops)
-            losses.d_loss(r, f, cfg.loss.type).backward()
-        del g, real, r, f
     for hook in hooks:
         hook.remove()
     return tracker.peak

@@ -18,7 +18,6 @@ import torch
 from diffusers import UNet2DConditionModel
 from torch.utils.flop_counter import FlopCounterMode
 
-from nitro_dist import losses
 from nitro_dist import step as S
 from nitro_dist.build import Run
 from nitro_dist.config import Config
@@ -122,20 +121,11 @@ def meta_iteration_flops(
     denoiser.abar = denoiser.abar.to("meta")
 
     def iteration(ckpt: bool) -> None:
-        for h in heads.values():
-            h.requires_grad_(False)
-        g = S.generator_turn(
+        S.replay_phases(
             student, teacher, denoiser, heads, layout, batch, noise, draw,
-            loss_type=cfg.loss.type, activation_checkpointing=ckpt,
+            loss_type=cfg.loss.type, d_steps=cfg.optim.d_steps_per_g_step,
+            activation_checkpointing=ckpt,
         )  # fmt: skip
-        g.loss.backward()
-        for h in heads.values():
-            h.requires_grad_(True)
-        real = S.real_features(teacher, denoiser, heads, layout, batch, noise, draw)
-        for _ in range(cfg.optim.d_steps_per_g_step):
-            r = S.judge(heads, layout, *real, noise.crops)
-            f = S.judge(heads, layout, *g.feats_fake, noise.crops)
-            losses.d_loss(r, f, cfg.loss.type).backward()
 
     counts = []
     for ckpt in (cfg.model.gradient_checkpointing, False):

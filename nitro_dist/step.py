@@ -268,6 +268,31 @@ def discriminator_turn(
         return DTurn(losses.d_loss(real, fake, loss_type), acc_r, acc_f)
 
 
+def replay_phases(
+    student: nn.Module, teacher: nn.Module, denoiser: StudentDenoiser,
+    heads: dict[int, Head], layout: PoolLayout, batch: Batch, noise: IterationNoise,
+    draw: Draw, *, loss_type: str, d_steps: int, activation_checkpointing: bool,
+    grad_accum: int = 1,
+) -> None:  # fmt: skip
+    """One micro-batch's G turn + backward, real features and D turns with their backwards, in
+    ``_train_step``'s order and without optimizer steps: what the FLOP count (perf.py) and the
+    memory plan (memory_plan.py) run, on meta/fake or real models."""
+    for h in heads.values():
+        h.requires_grad_(False)
+    g = generator_turn(
+        student, teacher, denoiser, heads, layout, batch, noise, draw,
+        loss_type=loss_type, activation_checkpointing=activation_checkpointing,
+    )  # fmt: skip
+    (g.loss / grad_accum if grad_accum > 1 else g.loss).backward()
+    for h in heads.values():
+        h.requires_grad_(True)
+    real = real_features(teacher, denoiser, heads, layout, batch, noise, draw)
+    for _ in range(d_steps):
+        r = judge(heads, layout, *real, noise.crops)
+        f = judge(heads, layout, *g.feats_fake, noise.crops)
+        losses.d_loss(r, f, loss_type).backward()
+
+
 # ---------------------------------------------------------------------------------------------
 # the iteration
 
