@@ -12,6 +12,7 @@ steps and size) and ``Ingress`` (HTTP, validation, backpressure answered with 50
 """
 
 import asyncio
+import logging
 import random
 import time
 from collections.abc import Sequence
@@ -22,7 +23,7 @@ from typing import Any, Literal
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import ConfigDict, Field
 from ray import serve
 from ray.exceptions import RayActorError
 from ray.serve.exceptions import BackPressureError
@@ -46,12 +47,21 @@ from nitro_dist.image_api import (
     result_headers,
     unknown_model,
 )
+from nitro_dist.serve_limits import (
+    HTTPLimits,
+    LimitArgs,
+    OutOfMemory,
+    PixelBudget,
+    RequestGuard,
+    install,
+)
 
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
-class AppArgs(BaseModel):
-    """``serve run nitro_dist.serve:app key=value ...`` arguments (unknown keys are refused)."""
+class AppArgs(LimitArgs):
+    """``serve run nitro_dist.serve:app key=value ...`` arguments (unknown keys are refused);
+    the limits (pixel budgets, body size, timeouts, API key, docs) are ``LimitArgs``'."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -116,7 +126,13 @@ class GeneratorReplica:
     """The model. ``generate`` is batched by Serve; one model call per (steps, size) group."""
 
     def __init__(
-        self, checkpoint: str, device: str, dtype: str, max_batch_size: int, batch_wait_ms: float
+        self,
+        checkpoint: str,
+        device: str,
+        dtype: str,
+        max_batch_size: int,
+        batch_wait_ms: float,
+        limit_args: LimitArgs,
     ) -> None:
         import torch
 
@@ -130,6 +146,7 @@ class GeneratorReplica:
             local_checkpoint(checkpoint), device=device, dtype=getattr(torch, DTYPES[dtype])
         )
         self.limits = Limits.of(self.gen)
+        self.budget = PixelBudget.resolve(limit_args, self.limits)
         self.max_batch_size = max_batch_size
         self.generate.set_max_batch_size(max_batch_size)
         # Serve's batch queue waits out the timeout even when one request fills the batch:
@@ -143,17 +160,24 @@ class GeneratorReplica:
             "dtype": self.dtype,
             "max_batch_size": self.max_batch_size,
             "limits": self.limits.__dict__,
+            "budgets": {
+                "max_request_pixels": self.budget.max_request_pixels,
+                "max_call_pixels": self.budget.max_call_pixels,
+            },
         }
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
-    async def generate(self, jobs: list[Job]) -> list[Result]:
-        from nitro_dist.image_api import run_jobs
+    async def generate(self, jobs: list[Job]) -> list[Result | OutOfMemory]:
+        from nitro_dist.serve_limits import run_jobs_guarded
 
-        # in a thread: the replica keeps answering health checks and queueing while it computes
-        return await asyncio.to_thread(run_jobs, self.gen, jobs)
+        # in a thread: the replica keeps answering health checks and queueing while it computes;
+        # calls cut to the pixel budget; out of memory answers OutOfMemory for the jobs it hit
+        return await asyncio.to_thread(run_jobs_guarded, self.gen, jobs, self.budget)
 
 
 api = FastAPI(title="nitro_dist", description="One-step text-to-image (NitroFusion)")
+# docs, API key, body size and read time, request timeout: the limits the Ingress installs
+api.add_middleware(RequestGuard)
 
 
 def _field(loc: tuple) -> str:
@@ -203,7 +227,8 @@ def _page() -> str:
 @serve.deployment(name="Ingress")
 @serve.ingress(api)
 class Ingress:
-    def __init__(self, generator: DeploymentHandle, model_name: str) -> None:
+    def __init__(self, generator: DeploymentHandle, model_name: str, http: HTTPLimits) -> None:
+        install(http)
         self.generator = generator
         self.model_name = model_name
         self.created = int(time.time())  # OpenAI's Model.created: when this app came up
@@ -216,7 +241,7 @@ class Ingress:
 
     async def _generate(self, job: Job) -> Result:
         try:
-            return await self.generator.generate.remote(job)
+            result = await self.generator.generate.remote(job)
         except BackPressureError as e:
             raise Unavailable(f"server busy, retry shortly ({e})", "1") from e
         except RayActorError as e:  # also ActorDiedError, ActorUnavailableError
@@ -224,6 +249,12 @@ class Ingress:
             raise Unavailable(
                 f"generator replica restarting, retry shortly ({type(e).__name__})", "5"
             ) from e
+        if isinstance(result, OutOfMemory):
+            raise Unavailable(result.message, result.retry_after)
+        return result
+
+    async def _budget(self) -> PixelBudget:
+        return PixelBudget(**(await self._model_info())["budgets"])
 
     @api.get("/", response_class=HTMLResponse)
     async def page(self) -> str:
@@ -231,15 +262,20 @@ class Ingress:
 
     @api.get("/healthz")
     async def healthz(self) -> JSONResponse:
-        """Live: asks a generator replica each time (the cached limits would outlive it)."""
+        """Live: asks a generator replica each time (the cached limits would outlive it). Says
+        what a client may ask for, nothing of the internals (paths, devices, errors)."""
         try:
             info = await asyncio.wait_for(self.generator.info.remote(), timeout=10)
         except BackPressureError:
             return JSONResponse({"status": "busy"}, status_code=503, headers={"Retry-After": "1"})
         except Exception as e:  # not up yet, restarting, or gone: say so, don't crash
-            return JSONResponse({"status": "unavailable", "error": repr(e)}, status_code=503)
+            logging.getLogger(__name__).warning("health check: generator unavailable: %r", e)
+            return JSONResponse(
+                {"status": "unavailable"}, status_code=503, headers={"Retry-After": "5"}
+            )
         self._info = info
-        return JSONResponse({"status": "ok", "model": self.model_name, **info})
+        public = {k: info[k] for k in ("limits", "budgets")}
+        return JSONResponse({"status": "ok", "model": self.model_name, **public})
 
     @api.post("/v1/images")
     async def images(self, req: ImageRequest) -> Response:
@@ -247,6 +283,7 @@ class Ingress:
         try:
             height = limits.check_side("height", req.height)
             width = limits.check_side("width", req.width)
+            (await self._budget()).check_request(req.num_images, height, width, "num_images")
         except ValueError as e:
             field = str(e).split(":", 1)[0]
             return JSONResponse({"error": str(e), "field": field}, status_code=422)
@@ -290,6 +327,10 @@ class Ingress:
                 self.model_name,
                 random.randint(0, SEED_MAX - MAX_IMAGES),
             )
+            try:
+                (await self._budget()).check_request(job.num_images, job.height, job.width, "n")
+            except ValueError as e:
+                raise OpenAIError(400, str(e), "n") from None
             result = await self._generate(job)
         except OpenAIError as e:
             return JSONResponse(e.body(), status_code=e.status)
@@ -328,6 +369,7 @@ def _device(device: str) -> str:
 def app(args: dict) -> serve.Application:
     """Application builder: ``serve run nitro_dist.serve:app key=value ...``."""
     a = args if isinstance(args, AppArgs) else AppArgs.model_validate(args)
+    http = HTTPLimits.of(a)  # the API key from api_key_env's variable, before anything starts
     checkpoint = resolve_checkpoint(a.checkpoint)
     model_name = a.model_name or model_name_of(checkpoint)
     device = _device(a.device)
@@ -348,11 +390,15 @@ def app(args: dict) -> serve.Application:
         max_ongoing_requests=a.max_ongoing_requests,
         max_queued_requests=a.max_queued_requests,
         **scale,
-    ).bind(checkpoint, device, dtype, a.max_batch_size, a.batch_wait_ms)
+    ).bind(checkpoint, device, dtype, a.max_batch_size, a.batch_wait_ms, LimitArgs(**_limits(a)))
     # the ingress holds no model: a sliver of CPU, and room for everything the generators hold
     ingress_cap = a.max_ongoing_requests * (a.max_replicas if a.replicas == "auto" else a.replicas)
     return Ingress.options(  # type: ignore[attr-defined]  # a Deployment, as above
         ray_actor_options={"num_cpus": 0.1},
         max_ongoing_requests=ingress_cap + a.max_queued_requests,
         max_queued_requests=a.max_queued_requests,
-    ).bind(generator, model_name)
+    ).bind(generator, model_name, http)
+
+
+def _limits(a: AppArgs) -> dict[str, Any]:
+    return a.model_dump(include=set(LimitArgs.model_fields))

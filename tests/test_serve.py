@@ -315,7 +315,7 @@ def test_web_page_makes_an_image_in_headless_chromium(base_url):
         browser.set_page_load_timeout(60)
         browser.get(base_url + "/")
         wait = WebDriverWait(browser, 60)
-        wait.until(lambda b: "checkpoint" in b.find_element(By.ID, "model").text)
+        wait.until(lambda b: " px" in b.find_element(By.ID, "model").text)
         browser.find_element(By.ID, "prompt").send_keys(PROMPTS[3])
         Select(browser.find_element(By.ID, "steps")).select_by_value("2")
         num = browser.find_element(By.ID, "num_images")
