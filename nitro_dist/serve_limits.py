@@ -318,12 +318,12 @@ class RequestGuard:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + lim.request_timeout_s
         try:
-            self._check_headers(lim, scope, path)
-            body = await self._read_body(lim, scope, receive)
+            has_body = self._check_headers(lim, scope, path)
+            body = await self._read_body(lim, scope, receive) if has_body else None
         except _Refused as e:
             await _answer(send, path, e)
             return
-        replayed = False
+        replayed = body is None  # no body: the app reads the request as it comes
 
         async def replay() -> Message:
             nonlocal replayed
@@ -349,7 +349,8 @@ class RequestGuard:
             await _answer(send, path, _Refused(504, why, "request", {}))
 
     @staticmethod
-    def _check_headers(lim: HTTPLimits, scope: Scope, path: str) -> None:
+    def _check_headers(lim: HTTPLimits, scope: Scope, path: str) -> bool:
+        """Refuses what the headers already show; True when the request has a body to read."""
         if path in DOCS_PATHS and not lim.docs:
             raise _Refused(404, f"{path}: not served (start the app with docs=true)", "path", {})
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
@@ -373,6 +374,7 @@ class RequestGuard:
         length = headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > lim.max_body_bytes:
             raise _Refused(413, _too_large(int(length), lim), "body", {})
+        return (length is not None and length != "0") or "transfer-encoding" in headers
 
     @staticmethod
     async def _read_body(lim: HTTPLimits, scope: Scope, receive: Receive) -> bytes:
