@@ -185,8 +185,9 @@ def decode(raw: dict, shard: str, bad: BadData, caption: CaptionKey = PROMPT_TXT
 
 def raw_samples(url: str, bad: BadData) -> Iterator[dict]:
     """One shard's samples as member suffix -> bytes. Storage errors (retried first, a broken
-    read resumes at its offset) raise ``DataError`` naming the URL; a corrupt or truncated tar is read up to the damage (the sample cut there is dropped) and
-    counted (``index.count_shard`` counts exactly these)."""
+    read resumes at its offset) raise ``DataError`` naming the URL; a corrupt or truncated tar
+    is read up to the damage (the sample cut there is dropped) and counted
+    (``index.count_shard`` counts exactly these)."""
     stream = open_with_retries(url)
     damaged: list[Exception] = []
 

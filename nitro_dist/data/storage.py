@@ -1,5 +1,6 @@
 """Where shards live: URLs on local disk or any fsspec filesystem (s3:// through s3fs), read
-with retries (``nitro_dist.retry``: a read that breaks resumes at its offset), and the shard list a dataset resolves to. No webdataset, no torch."""
+with retries (``nitro_dist.retry``: a read that breaks resumes at its offset), and the shard
+list a dataset resolves to. No webdataset, no torch."""
 
 from __future__ import annotations
 
@@ -57,8 +58,8 @@ class RetryingReader(io.RawIOBase):
     drops the connection, waits (``retry.call``'s backoff), reopens the file and seeks back to
     the bytes already delivered, so the reader sees the same bytes as without the fault. When
     the storage keeps failing, ``read`` raises ``DataError`` naming the URL and ``error`` holds
-    its message: a caller parsing the stream tells this apart from damaged data (``shards.raw_samples``
-    counts a corrupt shard only when the bytes themselves are bad)."""
+    its message: a caller parsing the stream tells this apart from damaged data
+    (``shards.raw_samples`` counts a corrupt shard only when the bytes themselves are bad)."""
 
     def __init__(self, url: str) -> None:
         super().__init__()

@@ -142,10 +142,9 @@ def check_data(cfg: Config, *, index_only: bool = False) -> ShardList:
     on stops here, before any worker starts); returns the ``ShardList`` the workers use. An
     index of a brace pattern that cannot be written beside the shards goes to
     ``<storage_path>/shard_indexes/``. ``index_only``: just the list (Tune trials)."""
+    from nitro_dist import retry
     from nitro_dist.data.loader import check_dataset
     from nitro_dist.data.shards import list_shards
-
-    from nitro_dist import retry
 
     retry.configure(retry.from_config(cfg.storage))  # the driver indexes and reads shards too
     d, w = cfg.data, cfg.distributed.num_workers
