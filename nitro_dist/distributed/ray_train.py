@@ -12,6 +12,7 @@ last reported checkpoint.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 import os
@@ -292,15 +293,15 @@ class RaySession:
                     lambda: self._verified_remote(fs, found.path, parts), f"resume {found.path}"
                 )
                 for part in [*parts, layout.RANKS, layout.TRAINER_STATE]:
-                    names = retry.call(
-                        lambda p=part: fs.find(f"{src}/{p}", withdirs=False), f"list {src}/{part}"
+                    where = f"{src}/{part}"
+                    names: list[str] = retry.call(
+                        functools.partial(fs.find, where, withdirs=False), f"list {where}"
                     )
                     for name in names:  # file by file: a retry repeats one file
                         dest = folder / name[len(src) + 1 :]
                         dest.parent.mkdir(parents=True, exist_ok=True)
-                        retry.call(
-                            lambda n=name, d=dest: fs.get_file(n, str(d)), f"download {name}"
-                        )
+                        get = functools.partial(fs.get_file, name, str(dest))
+                        retry.call(get, f"download {name}")
             yield folder
         finally:
             shutil.rmtree(folder, ignore_errors=True)
