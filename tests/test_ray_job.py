@@ -108,6 +108,7 @@ def test_ray_job_submit_trains_the_digits_task(head, tmp_path):
         "train.checkpoint_every=2",
         "train.eval_every=0",
         "train.eval_images=50",
+        "train.grid_per_prompt=1",
         "train.batch_size=16",
         "teacher.offline_pairs=64",
         "distributed.cpus_per_worker=1",
