@@ -43,8 +43,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     p = plan(cfg, activations=not args.skip_activations)
-    print(f"{args.config}: {p.arch}; {p.world_size} rank(s), micro-batch {p.micro_batch}, "
-          f"ZeRO-{cfg.distributed.zero_stage}, precision {cfg.train.precision}")  # fmt: skip
+    o = cfg.optim
+    g_adam = f"{o.state_bits}-bit" + (" offloaded to CPU" if o.offload == "cpu" else "")
+    ckpt = "on" if cfg.model.gradient_checkpointing else "off"
+    print(f"{args.config}: {p.arch}; {p.world_size} rank(s), micro-batch {p.micro_batch} x "
+          f"grad_accum {cfg.train.grad_accum}, ZeRO-{cfg.distributed.zero_stage}, precision "
+          f"{cfg.train.precision}, G AdamW {g_adam}, heads' AdamW {cfg.pool.state_bits}-bit, "
+          f"activation checkpointing {ckpt}")  # fmt: skip
+    print(p.pool_line())
     print(p.table())
     if device is None:
         return 0

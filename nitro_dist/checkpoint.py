@@ -109,6 +109,7 @@ def write_pool_manifest(pool: HeadPool, folder: Path, iteration: int) -> None:
         "levels": list(lay.levels),
         "candidates": lay.candidates,
         "width": lay.width,
+        "width_ratio": lay.width_ratio,
         "depth": lay.depth,
         "crop_frac": lay.crop_frac,
         "level_shapes": [list(s) for s in lay.level_shapes],
@@ -126,10 +127,12 @@ def load_pool(pool: HeadPool, folder: Path) -> None:
         "t_buckets": list(lay.t_buckets),
         "levels": list(lay.levels),
         "width": lay.width,
+        "width_ratio": lay.width_ratio,
         "depth": lay.depth,
     }
+    older = {"width_ratio": 0.0}  # keys manifests written before them lack
     for key, want in expected.items():
-        if manifest.get(key) != want:
+        if manifest.get(key, older.get(key)) != want:
             raise ValueError(
                 f"checkpoint pool {folder}: pool.{key} is {manifest.get(key)!r} there but "
                 f"{want!r} in this config; resume with the pool settings of the checkpoint"

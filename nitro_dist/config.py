@@ -84,13 +84,18 @@ class PoolConfig:
     candidates: int = 4  # heads per slot (kind, bucket, level)
     heads_per_slot: int = 1  # active heads per slot each iteration
     refresh_rate: float = 0.01  # per-head probability of re-initialisation per iteration
-    width: int = 256
+    width: int = 256  # hidden width of every head (with width_ratio > 0: the least width)
+    # > 0: each head's width is this fraction of its level's channels (rounded to a multiple of
+    # 8, at least ``width``): light heads on SDXL's 1280-channel levels, where one width 256
+    # makes the 480-head pool ~1.9G parameters, 74% of the UNet (0 = ``width`` everywhere).
+    width_ratio: float = 0.0
     depth: int = 2
     crop_frac: float = 0.5  # side of the local heads' random crop, as a fraction of the map
     lr: float = 2e-4
     betas: list[float] = field(default_factory=lambda: [0.0, 0.99])
     weight_decay: float = 0.0
     fused: bool = False  # the heads' AdamW as torch's fused kernel (fewer launches on GPU)
+    state_bits: Literal[32, 8] = 32  # 8: the heads' AdamW state in 8 bits (torchao AdamW8bit)
     # Multi-rank: the heads' gather runs while the batch is made (teacher, data), and their
     # gradients are all-reduced in buckets of ~bucket_mb, each as soon as the D backward has
     # finished it. Off: one blocking collective each, after the compute (the same numbers).
@@ -116,6 +121,14 @@ class OptimConfig:
     # full-size temporaries (the default foreach AdamW allocates one as large as G's fp32
     # weights). Same maths; CPU and GPU.
     fused: bool = False
+    # 8: G's AdamW state (exp_avg, exp_avg_sq) block-quantised to 8 bits, torchao's AdamW8bit
+    # (2 bytes per parameter instead of 8; not with ``fused``). Runs on CPU and GPU; torch.compile
+    # builds its kernel once per parameter shape (ZeRO 1-3 hand it one flat partition).
+    state_bits: Literal[32, 8] = 32
+    # "cpu": ZeRO-Offload under DeepSpeed (Ray Train workers): G's AdamW state and fp32 master
+    # partition live in host memory and the step runs there (torch AdamW on the CPU, not
+    # DeepSpeedCPUAdam's compiled op). Needs distributed.zero_stage >= 1.
+    offload: Literal["none", "cpu"] = "none"
 
 
 @dataclass(kw_only=True)
@@ -486,6 +499,7 @@ def validate(cfg: Config) -> None:
     )
     need(0.0 <= p.refresh_rate <= 1.0, "pool.refresh_rate", "must be in [0, 1]")
     need(p.width >= 1, "pool.width", "must be >= 1")
+    need(0.0 <= p.width_ratio <= 4.0, "pool.width_ratio", "must be in [0, 4] (0: pool.width)")
     need(p.depth >= 1, "pool.depth", "must be >= 1")
     need(0.0 < p.crop_frac <= 1.0, "pool.crop_frac", "must be in (0, 1]")
     need(p.bucket_mb > 0, "pool.bucket_mb", "must be > 0")
@@ -495,6 +509,12 @@ def validate(cfg: Config) -> None:
     need(p.lr > 0, "pool.lr", "must be > 0")
     need(0.0 <= cfg.optim.ema_decay < 1.0, "optim.ema_decay", "must be in [0, 1)")
     need(cfg.optim.d_steps_per_g_step >= 1, "optim.d_steps_per_g_step", "must be >= 1")
+    for sec, section in (("optim", cfg.optim), ("pool", p)):
+        need(
+            not (section.fused and section.state_bits == 8),
+            f"{sec}.state_bits",
+            f"8-bit AdamW (torchao AdamW8bit) has no fused kernel: set {sec}.fused=false",
+        )
     s = cfg.sampler
     need(1 <= s.shift <= MAX_TIMESTEPS, "sampler.shift", f"must be in 1..{MAX_TIMESTEPS}")
     need(s.original_inference_steps >= 1, "sampler.original_inference_steps", "must be >= 1")
@@ -527,6 +547,22 @@ def validate(cfg: Config) -> None:
         f"train.grad_accum ({tr.grad_accum})",
     )
     need(d.zero_stage in (0, 1, 2, 3), "distributed.zero_stage", "must be 0, 1, 2 or 3")
+    need(
+        cfg.optim.offload == "none" or d.zero_stage >= 1,
+        "optim.offload",
+        "ZeRO-Offload needs distributed.zero_stage 1, 2 or 3 (stage 0 keeps G's state whole)",
+    )
+    need(
+        cfg.optim.offload == "none" or cfg.optim.state_bits == 32,
+        "optim.offload",
+        "offloads a 32-bit AdamW state: not with optim.state_bits=8",
+    )
+    need(
+        cfg.optim.state_bits == 32 or d.zero_stage == 0,
+        "optim.state_bits",
+        "8-bit AdamW for G needs distributed.zero_stage=0: ZeRO 1-3 hand the optimizer one flat "
+        "buffer whose 8-bit blocks span parameters, so its state could not be saved per parameter",
+    )
     need(
         not (cfg.train.compile and d.zero_stage == 3),
         "train.compile",

@@ -10,9 +10,13 @@ same ``LiveBytes`` on a real CPU iteration is what the estimate is checked again
 (tests/test_memory_plan.py).
 
 Rules (bytes per element): G's weights, gradients and the EMA fp32 (bf16 autocast keeps fp32
-master weights, DeepSpeed's ``torch_autocast``); AdamW two fp32 per element; ZeRO stage >= 1
-divides the optimizer state by the ranks, >= 2 the gradients, 3 the weights. The config has no
-offload key: nothing is offloaded. Frozen models bf16 under ``train.precision=bf16`` (the VAE
+master weights, DeepSpeed's ``torch_autocast``); AdamW two fp32 per element, or with
+``state_bits: 8`` (bitsandbytes AdamW8bit) two uint8 plus one fp32 scale per 256-element block
+each (``ADAM_STATE_BYTES``); ZeRO stage >= 1 divides the optimizer state by the ranks, >= 2 the
+gradients, 3 the weights. ``optim.offload=cpu`` (ZeRO-Offload) moves G's AdamW state to host
+memory, with the rank's fp32 master partition and its gradient partition (DeepSpeed's CPU
+copies), and the step's temporaries with it; the device keeps the gradient row (upper bound: the
+reduce buckets hold less at a time). Frozen models bf16 under ``train.precision=bf16`` (the VAE
 stays fp32), else fp32. Not counted: the CUDA context and allocator fragmentation, DeepSpeed's
 flat buffers (ZeRO 1-2 keep an fp32 copy of the rank's partition and gradient buckets), NCCL.
 """
@@ -44,6 +48,9 @@ from nitro_dist.models.text import Cond
 from nitro_dist.tasks import task_of
 
 GiB = 2**30
+# AdamW state bytes per parameter: exp_avg + exp_avg_sq in fp32, or 8-bit codes with one fp32
+# absmax per 256-element block each (bitsandbytes' block-wise quantisation)
+ADAM_STATE_BYTES = {32: 8.0, 8: 2 * (1 + 4 / 256)}
 
 
 class LiveBytes(TorchDispatchMode):
@@ -264,6 +271,13 @@ class Plan:
     per_rank: list[dict[str, int]]  # bytes that depend on the rank (heads)
     activations: int  # one micro-batch's iteration peak (fake tensors)
     optimizer_temp: int  # foreach AdamW's temporaries (not at the same time as activations)
+    host: dict[str, int]  # bytes in each rank's host (CPU) memory: ZeRO-Offload
+    unet_numel: int  # parameters of G (= the teacher/backbone's)
+    pool_numel: int  # parameters of the whole head pool (every rank's heads)
+    num_heads: int
+
+    def host_total(self) -> int:
+        return sum(self.host.values())
 
     def total(self, rank: int) -> int:
         transient = max(self.activations, self.optimizer_temp)
@@ -281,12 +295,27 @@ class Plan:
             ("G optimizer step temporaries", [self.optimizer_temp] * self.world_size),
             ("total (larger of the two above)", [self.total(r) for r in ranks]),
         ]
+        host = [(f"host: {k}", [v] * self.world_size) for k, v in self.host.items()]
+        if host:
+            host.append(("host: total", [self.host_total()] * self.world_size))
         unit, scale = ("GiB", GiB) if self.total(0) >= GiB else ("MiB", 2**20)
-        width = max(len(k) for k, _ in rows)
+        width = max(len(k) for k, _ in rows + host)
         head = f"{unit:<{width}} " + " ".join(f"{f'rank {r}':>8}" for r in ranks)
         lines = [head, "-" * len(head)]
         lines += [f"{k:<{width}} " + " ".join(f"{v / scale:8.2f}" for v in vs) for k, vs in rows]
+        if host:  # not on the device: after the device total
+            lines.append("-" * len(head))
+            lines += [
+                f"{k:<{width}} " + " ".join(f"{v / scale:8.2f}" for v in vs) for k, vs in host
+            ]
         return "\n".join(lines)
+
+    def pool_line(self) -> str:
+        """The head pool's size against the UNet's (DESIGN.md: the heads are light)."""
+        return (
+            f"head pool: {self.num_heads} heads, {self.pool_numel / 1e6:.1f}M parameters = "
+            f"{self.pool_numel / self.unet_numel:.1%} of the UNet's {self.unet_numel / 1e6:.1f}M"
+        )
 
 
 def plan(cfg: Config, *, activations: bool = True) -> Plan:
@@ -305,11 +334,16 @@ def plan(cfg: Config, *, activations: bool = True) -> Plan:
     p = _numel(meta_unet(arch))
     frozen = 2 if tr.precision == "bf16" else 4
     f = frozen_numels(arch)
+    o = cfg.optim
+    offload = o.offload == "cpu"
+    g_local = p // (w if d.zero_stage >= 1 else 1)  # G's optimizer partition on this rank
+    state = {32: "G AdamW state (2 x fp32)", 8: "G AdamW state (8-bit)"}[o.state_bits]
+    g_state = int(ADAM_STATE_BYTES[o.state_bits] * g_local)
     shared = {
         "G weights (fp32)": 4 * p // (w if d.zero_stage == 3 else 1),
         "G gradients (fp32)": 4 * p // (w if d.zero_stage >= 2 else 1),
-        "G AdamW state (2 x fp32)": 8 * p // (w if d.zero_stage >= 1 else 1),
-        "G EMA (fp32)": 4 * p if cfg.optim.ema_decay > 0 else 0,
+        state: 0 if offload else g_state,
+        "G EMA (fp32)": 4 * p if o.ema_decay > 0 else 0,
         "teacher = backbone (frozen)": frozen * p,
         "text encoders (frozen)": frozen * f["text"],
         "VAE (frozen, fp32)": 4 * f["vae"],
@@ -318,16 +352,27 @@ def plan(cfg: Config, *, activations: bool = True) -> Plan:
         c, h, w_ = arch.sample_shape()
         shared["teacher pairs (offline, fp32)"] = 4 * cfg.teacher.offline_pairs * c * h * w_
     owner = owner_map(layout, w)
+    head_bytes = 8 + ADAM_STATE_BYTES[cfg.pool.state_bits]  # fp32 weights + grads + AdamW
     per_rank = []
     for r in range(w):
         own = sum(layout.head_numel(h) for h in owned_by(owner, r))
         per_rank.append({
-            "heads owned (weights, grads, AdamW)": 16 * own,
+            "heads owned (weights, grads, AdamW)": int(head_bytes * own),
             "active head replicas (upper bound)": 4 * _replica_numel(cfg, layout) if w > 1 else 0,
         })  # fmt: skip
-    g_local = p // (w if d.zero_stage >= 1 else 1)
-    temp = 0 if cfg.optim.fused else 4 * g_local  # foreach: one temporary as large as the shard
-    return Plan(arch.label, w, micro, shared, per_rank, act, temp)
+    # foreach AdamW: one temporary as large as the shard; fused and 8-bit step per tensor in
+    # one kernel; offloaded, the step runs in host memory
+    temp = 0 if o.fused or o.state_bits == 8 or offload else 4 * g_local
+    host = {}
+    if offload:
+        host = {
+            "G AdamW state (2 x fp32)": g_state,
+            "G fp32 master partition": 4 * g_local,
+            "G gradient partition (fp32)": 4 * g_local,
+            "G optimizer step temporaries": 0 if o.fused else 4 * g_local,
+        }
+    return Plan(arch.label, w, micro, shared, per_rank, act, temp, host, p, layout.numel(),
+                layout.num_heads)  # fmt: skip
 
 
 def _replica_numel(cfg: Config, layout: PoolLayout) -> int:

@@ -1,4 +1,6 @@
-"""The one AdamW every trainable part uses (G on one process, G under DeepSpeed, the heads)."""
+"""The one AdamW every trainable part uses (G on one process, G under DeepSpeed, the heads):
+torch's AdamW, or with ``state_bits: 8`` bitsandbytes' AdamW8bit (block-wise 8-bit moments: 2
+bytes of state per parameter instead of 8; parameters under 4,096 elements keep fp32 state)."""
 
 from __future__ import annotations
 
@@ -8,11 +10,25 @@ from pathlib import Path
 
 import torch
 
+SECTION_KEYS = {"OptimConfig": "optim", "PoolConfig": "pool"}  # config section -> its key
 
-def adamw(params: Iterable[torch.nn.Parameter], section) -> torch.optim.AdamW:
-    """AdamW from a config section with ``lr``, ``betas``, ``weight_decay`` and ``fused``
-    (``OptimConfig`` for G, ``PoolConfig`` for the heads). ``fused`` off leaves torch choosing
-    the implementation (foreach on GPU); on, one kernel with no full-size temporaries."""
+
+def adamw(params: Iterable[torch.nn.Parameter], section) -> torch.optim.Optimizer:
+    """AdamW from a config section with ``lr``, ``betas``, ``weight_decay``, ``fused`` and
+    ``state_bits`` (``OptimConfig`` for G, ``PoolConfig`` for the heads). ``fused`` off leaves
+    torch choosing the implementation (foreach on GPU); on, one kernel with no full-size
+    temporaries. ``state_bits`` 8: bitsandbytes' AdamW8bit (its CPU and CUDA kernels)."""
+    if section.state_bits == 8:
+        key = f"{SECTION_KEYS.get(type(section).__name__, 'optim')}.state_bits"
+        try:
+            import bitsandbytes as bnb
+        except ImportError as e:
+            raise ValueError(
+                f"{key}=8 needs bitsandbytes (pip install bitsandbytes==0.50.2): {e}"
+            ) from e
+        return bnb.optim.AdamW8bit(
+            params, lr=section.lr, betas=tuple(section.betas), weight_decay=section.weight_decay
+        )
     return torch.optim.AdamW(
         params,
         lr=section.lr,
@@ -35,10 +51,14 @@ def state_tensors(
 ) -> dict[str, torch.Tensor]:
     """State of ``params`` (in that order) as flat tensors: ``{prefix}{i}.{name}``."""
     out = {}
+    seen: set[int] = set()  # safetensors refuses shared storage: AdamW8bit's qmaps are one tensor
     for i, p in enumerate(params):
         for name, v in opt.state.get(p, {}).items():
             if torch.is_tensor(v):
-                out[f"{prefix}{i}.{name}"] = v.detach().cpu().contiguous()
+                t = v.detach().cpu().contiguous()
+                shared = t.untyped_storage().data_ptr() in seen
+                seen.add(t.untyped_storage().data_ptr())
+                out[f"{prefix}{i}.{name}"] = t.clone() if shared else t
             else:
                 out[f"{prefix}{i}.{name}"] = torch.tensor(v)
     return out
@@ -52,13 +72,24 @@ def load_state_tensors(
 ) -> None:
     # fused (and capturable) AdamW keep the step count next to the parameter, the others on CPU
     step_on_device = any(g.get("fused") or g.get("capturable") for g in opt.param_groups)
+    eight_bit = type(opt).__module__.startswith("bitsandbytes")
+    names = {key.split(".")[-1] for key in tensors if key.startswith(prefix)}
+    foreign = names & ({"exp_avg", "exp_avg_sq"} if eight_bit else {"state1", "state2"})
+    if foreign:
+        raise ValueError(
+            f"the saved optimizer state has {sorted(foreign)}, written with "
+            f"state_bits={32 if eight_bit else 8}; this run's {type(opt).__name__} cannot take "
+            "it: resume with the state_bits of the checkpoint (optim.state_bits, pool.state_bits)"
+        )
     for i, p in enumerate(params):
-        state = {}
+        state: dict[str, torch.Tensor | int] = {}
         head = f"{prefix}{i}."
         for key, v in tensors.items():
             if key.startswith(head):
                 name = key[len(head) :]
-                if name == "step":
+                if name == "step" and not v.is_floating_point():
+                    state[name] = int(v)  # bitsandbytes counts steps in a Python int
+                elif name == "step":
                     state[name] = v.to(p.device if step_on_device else "cpu", torch.float32)
                 else:
                     state[name] = v.to(p.device)

@@ -364,7 +364,9 @@ def test_readme_section_names_every_manifest_and_real_cli_flags():
                 assert flag in options, f"`{prefix}` has no option {flag} (Ray {RAY_VERSION})"
 
 
-@pytest.mark.parametrize("config", ["sdxl_realism", "sdxl_vibrant", "configs/sdxl_vibrant.yaml"])
+@pytest.mark.parametrize(
+    "config", ["sdxl_realism", "sdxl_vibrant", "sdxl_1gpu", "configs/sdxl_vibrant.yaml"]
+)
 def test_sdxl_preset_dry_run_prints_the_config_without_ray_or_models(config):
     env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
     env.pop("RAY_ADDRESS", None)
@@ -388,7 +390,8 @@ def test_sdxl_preset_dry_run_prints_the_config_without_ray_or_models(config):
 
 def test_sdxl_presets_follow_the_paper():
     realism, vibrant = load_config("sdxl_realism"), load_config("sdxl_vibrant")
-    for cfg in (realism, vibrant):
+    one_gpu = load_config("sdxl_1gpu")
+    for cfg in (realism, vibrant, one_gpu):
         p = cfg.pool
         sdxl_levels = 10  # down-block skips + mid of SDXL's UNet (pool.levels empty = all)
         assert len(p.kinds) * len(p.t_buckets) * sdxl_levels * p.candidates == 480
@@ -407,6 +410,11 @@ def test_sdxl_presets_follow_the_paper():
     assert vibrant.teacher.scheduler == "DDIMScheduler" and vibrant.teacher.num_steps == 8
     assert vibrant.teacher.scheduler_overrides["timestep_spacing"] == "trailing"
     assert "dmd2" in realism.model.student_path and "hyper-sdxl" in vibrant.model.student_path
+    # the paper's one-GPU recipe: micro-batch 5 x gradient accumulation 20, bf16, activation
+    # checkpointing; G's AdamW state offloaded (its memory plan: results/memory_plan_sdxl_1gpu.md)
+    t, d = one_gpu.train, one_gpu.distributed
+    assert d.num_workers == 1 and t.grad_accum == 20 and t.batch_size // t.grad_accum == 5
+    assert one_gpu.model.gradient_checkpointing and one_gpu.optim.offload == "cpu"
 
 
 # --- secure defaults: token auth on every node, dashboard on the head only, NetworkPolicy ------

@@ -132,6 +132,9 @@ VALIDATE_CASES = {
         (["pool.bucket_mb=0"], "pool.bucket_mb"),
         (["pool.betas=[0.9]"], "pool.betas"),
         (["pool.lr=0"], "pool.lr"),
+        (["pool.width_ratio=-0.5"], "pool.width_ratio"),
+        (["pool.state_bits=16"], "pool.state_bits"),
+        (["pool.state_bits=8", "pool.fused=true"], "pool.state_bits"),
     ],
     "loss": [(["loss.type=wgan"], "loss.type"), (["loss.g_weight=x"], "loss.g_weight")],
     "optim": [
@@ -140,6 +143,12 @@ VALIDATE_CASES = {
         (["optim.ema_decay=1.0"], "optim.ema_decay"),
         (["optim.d_steps_per_g_step=0"], "optim.d_steps_per_g_step"),
         (["optim.fused=1"], "optim.fused"),
+        (["optim.state_bits=4"], "optim.state_bits"),
+        (["optim.state_bits=8", "optim.fused=true"], "optim.state_bits"),
+        (["optim.state_bits=8", "distributed.zero_stage=2"], "optim.state_bits"),
+        (["optim.offload=gpu"], "optim.offload"),
+        (["optim.offload=cpu"], "optim.offload"),  # ZeRO-0: nothing to offload from
+        (["optim.offload=cpu", "distributed.zero_stage=2", "optim.state_bits=8"], "optim.offload"),
     ],
     "data": [
         (["data.source=shards"], "data.shards"),

@@ -156,12 +156,14 @@ KEYS: dict[str, Case] = {
     "pool.heads_per_slot": Case(2, "step", "metrics"),
     "pool.refresh_rate": Case(1.0, "step", "metrics"),
     "pool.width": Case(4, "run", "heads"),
+    "pool.width_ratio": Case(1.0, "run", "heads"),  # level 0 has 16 channels: width 16, not 8
     "pool.depth": Case(3, "run", "heads"),
     "pool.crop_frac": Case(1.0, "run", "layout"),  # the crop the local heads see
     "pool.lr": Case(1e-3, "run", "pool_optimizer"),
     "pool.betas": Case([0.5, 0.9], "run", "pool_optimizer"),
     "pool.weight_decay": Case(0.1, "run", "pool_optimizer"),
     "pool.fused": Case(True, "run", "pool_optimizer"),
+    "pool.state_bits": Case(8, "run", "pool_optimizer"),
     "pool.overlap_comm": Case(False, "pool_sync", "buckets", {"pool.bucket_mb": 1e-4}),
     "pool.bucket_mb": Case(1e-4, "pool_sync", "buckets"),
     # loss
@@ -175,6 +177,8 @@ KEYS: dict[str, Case] = {
     "optim.ema_decay": Case(0.5, "step", "ema"),
     "optim.d_steps_per_g_step": Case(2, "step", "head_optimizer_steps"),
     "optim.fused": Case(True, "run", "g_optimizer"),
+    "optim.state_bits": Case(8, "run", "g_optimizer"),
+    "optim.offload": Case("cpu", "deepspeed", "config", {"distributed.zero_stage": 2}),
     # data
     "data.source": Case(
         "shards", "run", "loader", {"data.shards": "{shards_a}", "data.num_workers": 0}
@@ -312,7 +316,7 @@ def files(root: Path) -> list[str]:
 
 def hyperparameters(opt: torch.optim.Optimizer) -> list[dict[str, Any]]:
     keys = ("lr", "betas", "weight_decay", "eps", "amsgrad", "fused")
-    return [{k: g.get(k) for k in keys} for g in opt.param_groups]
+    return [{"class": type(opt).__name__, **{k: g.get(k) for k in keys}} for g in opt.param_groups]
 
 
 def grad_norm(opt: torch.optim.Optimizer) -> float:

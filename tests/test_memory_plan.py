@@ -54,9 +54,15 @@ def test_estimate_matches_a_real_cpu_iteration():
 def test_every_preset_plans_without_weights(preset):
     p = MP.plan(load_config(preset), activations=False)
     assert p.total(0) > p.shared["G weights (fp32)"] > 0
+    assert 0 < p.pool_numel and "head pool:" in p.pool_line()
     if preset.startswith("sdxl"):
         assert "SDXL base 1.0" in p.arch  # placeholder paths: SDXL's own configs
         assert 2.5e9 < p.shared["G weights (fp32)"] / 4 < 2.7e9  # SDXL's 2.6B-parameter UNet
+        # the paper's 480 light heads: a small fraction of the UNet (width 256 made it 74%)
+        assert p.num_heads == 480 and p.pool_numel < 0.1 * p.unet_numel
+    if preset == "sdxl_1gpu":  # the paper's one-GPU recipe; its activations: results/*_1gpu.md
+        assert p.world_size == 1 and p.micro_batch == 5 and p.fits(80 * MP.GiB - 17 * MP.GiB)
+        assert p.host["G AdamW state (2 x fp32)"] > 0  # ZeRO-Offload: on the host, not the GPU
 
 
 def test_zero_stage_and_workers_shard_the_student():
@@ -70,10 +76,34 @@ def test_zero_stage_and_workers_shard_the_student():
     assert p0.shared["teacher = backbone (frozen)"] * 2 == p0.shared["G weights (fp32)"]  # bf16
 
 
+def test_offload_and_8bit_adamw_move_and_shrink_the_optimizer_state():
+    """optim.offload=cpu: G's AdamW state (and DeepSpeed's fp32 master and gradient partitions)
+    in host rows, none on the device; state_bits=8: ~2 bytes of state per parameter, G's and
+    the heads'."""
+    base = ["distributed.num_workers=2", "train.batch_size=8", "distributed.zero_stage=2"]
+    p32 = MP.plan(load_config("tiny", base), activations=False)
+    off = MP.plan(load_config("tiny", [*base, "optim.offload=cpu"]), activations=False)
+    state32 = p32.shared["G AdamW state (2 x fp32)"]
+    assert state32 > 0 and not p32.host
+    assert off.shared["G AdamW state (2 x fp32)"] == 0 and off.optimizer_temp == 0
+    assert off.host["G AdamW state (2 x fp32)"] == state32
+    assert off.host["G fp32 master partition"] == state32 // 2
+    assert off.total(0) == p32.total(0) - state32 - p32.optimizer_temp
+    assert off.host_total() >= 2 * state32 and "host: total" in off.table()
+    eight = ["optim.state_bits=8", "pool.state_bits=8", "distributed.zero_stage=0"]
+    p8 = MP.plan(load_config("tiny", [*base[:2], *eight]), activations=False)
+    p0 = MP.plan(load_config("tiny", base[:2]), activations=False)
+    ratio = p8.shared["G AdamW state (8-bit)"] / p0.shared["G AdamW state (2 x fp32)"]
+    assert ratio == pytest.approx(2.03125 / 8, rel=1e-3)
+    heads = "heads owned (weights, grads, AdamW)"
+    assert p8.per_rank[0][heads] < 0.7 * p0.per_rank[0][heads]  # 10.03 of 16 bytes
+
+
 def test_fit_verdict_and_exit_status(capsys):
     main = cli()
     assert main(["--config", "tiny", "--skip-activations", "--device-memory", "80GiB"]) == 0
-    assert "fits:" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "fits:" in out and "head pool: 36 heads" in out and "% of the UNet's" in out
     assert main(["--config", "tiny", "--skip-activations", "--device-memory", "1MiB"]) == 1
     assert "does NOT fit" in capsys.readouterr().out
 

@@ -6,6 +6,8 @@ from nitro_dist.discriminator.pool import HeadPool, make_layout, refresh_ids, sa
 
 # SDXL-like backbone: 10 levels (channels, side)
 SDXL_LEVELS = [(320, 128, 128)] * 4 + [(640, 64, 64)] * 3 + [(1280, 32, 32)] * 3
+# the shipped digits teacher's levels (backbone.level_shapes of nitro_dist/digits/weights)
+DIGITS_LEVELS = [(32, 8, 8), (32, 8, 8), (32, 4, 4), (64, 4, 4), (64, 4, 4)]
 
 
 def layout(**pool_overrides):
@@ -92,6 +94,41 @@ def test_head_kinds_and_local_crop_sizes():
     loc = [lay.spec(h) for h in range(lay.num_heads) if lay.spec(h).kind == "local_cond"]
     assert {s.in_size for s in g} == {128, 64, 32}
     assert {s.in_size for s in loc} == {64, 32, 16}
+
+
+def test_width_ratio_scales_each_head_with_its_level():
+    """pool.width_ratio: width = ratio x the level's channels, a multiple of 8, at least
+    pool.width; the SDXL presets' light heads (ratio 1/32, width 32) against one width 256."""
+    lay, _ = layout(width=32, width_ratio=0.03125)
+    widths = {c: {lay.spec(h).width for h in range(lay.num_heads) if lay.spec(h).in_channels == c}
+              for c in (320, 640, 1280)}  # fmt: skip
+    assert widths == {320: {32}, 640: {32}, 1280: {40}}
+    assert layout(width=8, width_ratio=0.25)[0].spec(479).width == 320  # 1280 / 4
+    assert layout(width=8, width_ratio=0.01)[0].spec(0).width == 8  # 3.2 -> the least width
+    for hid in (0, 200, 479):
+        assert lay.head_numel(hid) == sum(p.numel() for p in lay.build_head(hid).parameters())
+    fixed, _ = layout(width=256)
+    assert lay.numel() < 0.11 * fixed.numel()  # 206M against 1.89G parameters
+
+
+def test_digits_heads_are_unchanged_by_width_ratio():
+    """The digits preset leaves pool.width_ratio at 0: every head keeps width 32 and the same
+    weights as Head(channels, side, pool.width, depth) under the same key, i.e. the digits
+    figures' pool bit for bit."""
+    from nitro_dist.discriminator.heads import Head
+    from nitro_dist.discriminator.pool import INITIAL_ITERATION, init_head_
+
+    cfg = load_config("digits")
+    assert cfg.pool.width_ratio == 0.0
+    lay = make_layout(cfg.pool, DIGITS_LEVELS)
+    pool = HeadPool(lay, cfg.pool, seed=0)
+    for hid in range(0, lay.num_heads, 7):
+        s = lay.spec(hid)
+        assert s.width == cfg.pool.width == 32
+        ref = Head(s.in_channels, s.in_size, 32, cfg.pool.depth)
+        init_head_(ref, 0, INITIAL_ITERATION, hid)
+        got = pool.head(hid).state_dict()
+        assert all(torch.equal(got[k], v) for k, v in ref.state_dict().items())
 
 
 @pytest.mark.parametrize("side", [1, 2, 4, 8, 32])

@@ -30,6 +30,7 @@ class HeadSpec:
     level: int  # backbone level
     in_channels: int
     in_size: int  # spatial side of the map the head sees (the crop for local heads)
+    width: int  # channels of the head's hidden layers
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,7 @@ class PoolLayout:
     width: int
     depth: int
     crop_frac: float
+    width_ratio: float = 0.0  # > 0: width per level = ratio x its channels (``head_width``)
 
     @property
     def num_slots(self) -> int:
@@ -65,15 +67,28 @@ class PoolLayout:
         kind, bucket, level = self.slot(head_id // self.candidates)
         c, h, _ = self.level_shapes[level]
         size = h if kind == "global_cond" else crop_size(h, self.crop_frac)
-        return HeadSpec(kind, bucket, level, c, size)
+        return HeadSpec(kind, bucket, level, c, size, head_width(c, self.width, self.width_ratio))
 
     def build_head(self, head_id: int) -> Head:
         s = self.spec(head_id)
-        return Head(s.in_channels, s.in_size, self.width, self.depth)
+        return Head(s.in_channels, s.in_size, s.width, self.depth)
 
     def head_numel(self, head_id: int) -> int:
         s = self.spec(head_id)
-        return _head_numel(s.in_channels, s.in_size, self.width, self.depth)
+        return _head_numel(s.in_channels, s.in_size, s.width, self.depth)
+
+    def numel(self) -> int:
+        """Parameters of the whole pool (every head of every slot)."""
+        return sum(self.head_numel(h) for h in range(self.num_heads))
+
+
+def head_width(in_channels: int, width: int, width_ratio: float) -> int:
+    """A head's hidden width: ``width``, or with ``width_ratio`` > 0 that fraction of the
+    level's channels rounded to a multiple of 8 (tensor-core friendly; GroupNorm groups of 8)
+    and at least ``width``."""
+    if width_ratio <= 0:
+        return width
+    return max(width, 8 * round(width_ratio * in_channels / 8))
 
 
 def _head_numel(c: int, size: int, width: int, depth: int) -> int:
@@ -103,6 +118,7 @@ def make_layout(pool_cfg, level_shapes: list[tuple[int, int, int]]) -> PoolLayou
         width=pool_cfg.width,
         depth=pool_cfg.depth,
         crop_frac=pool_cfg.crop_frac,
+        width_ratio=pool_cfg.width_ratio,
     )
 
 

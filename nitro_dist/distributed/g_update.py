@@ -132,12 +132,19 @@ ADAM_KEYS = ("exp_avg", "exp_avg_sq")
 def deepspeed_config(cfg: Config, world_size: int, bf16: bool) -> dict[str, Any]:
     tr = cfg.train
     micro = tr.batch_size // (world_size * tr.grad_accum)
+    offload: dict[str, Any] = {}
+    if cfg.optim.offload == "cpu":  # G's AdamW state + fp32 master partition in host memory
+        pin = torch.cuda.is_available()  # page-locked host buffers: async copies from the GPU
+        offload = {"offload_optimizer": {"device": "cpu", "pin_memory": pin}}
     return {
         "train_batch_size": tr.batch_size,
         "train_micro_batch_size_per_gpu": micro,
         "gradient_accumulation_steps": tr.grad_accum,
         "gradient_clipping": cfg.optim.grad_clip,
-        "zero_optimization": {"stage": cfg.distributed.zero_stage},
+        "zero_optimization": {"stage": cfg.distributed.zero_stage, **offload},
+        # ZeRO-Offload with our torch AdamW stepping the host copy: DeepSpeed would otherwise
+        # insist on its DeepSpeedCPUAdam (a C++ op compiled on first use)
+        "zero_force_ds_cpu_optimizer": False,
         # bf16: fp32 weights (the master copy) and torch autocast inside the engine, as the rest
         # of the iteration runs. DeepSpeed's own "bf16" section would cast G to bf16 and turn
         # autocast off in its forward, so the fp32 inputs would meet bf16 weights.
