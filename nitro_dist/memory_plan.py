@@ -15,6 +15,10 @@ divides the optimizer state by the ranks, >= 2 the gradients, 3 the weights. The
 offload key: nothing is offloaded. Frozen models bf16 under ``train.precision=bf16`` (the VAE
 stays fp32), else fp32. Not counted: the CUDA context and allocator fragmentation, DeepSpeed's
 flat buffers (ZeRO 1-2 keep an fp32 copy of the rank's partition and gradient buckets), NCCL.
+A LoRA student (``student.lora.rank`` > 0): gradients, AdamW state and EMA cover the adapters
+only; the frozen base counts once among G's weights (the EMA shares it). Its activations are
+the full student's (peft cannot add adapters to fake modules): the backward through the frozen
+base keeps the same inputs, the adapters' own are rank-sized.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
+from nitro_dist import lora
 from nitro_dist import step as S
 from nitro_dist.config import Config
 from nitro_dist.diffusion import StudentDenoiser
@@ -264,6 +269,8 @@ class Plan:
     per_rank: list[dict[str, int]]  # bytes that depend on the rank (heads)
     activations: int  # one micro-batch's iteration peak (fake tensors)
     optimizer_temp: int  # foreach AdamW's temporaries (not at the same time as activations)
+    g_params: int = 0  # G's parameters (a LoRA student: base + adapters)
+    g_trainable: int = 0  # what G's optimizer steps (a LoRA student: the adapters)
 
     def total(self, rank: int) -> int:
         transient = max(self.activations, self.optimizer_temp)
@@ -281,11 +288,21 @@ class Plan:
             ("G optimizer step temporaries", [self.optimizer_temp] * self.world_size),
             ("total (larger of the two above)", [self.total(r) for r in ranks]),
         ]
+        rows += [
+            ("G parameters (millions)", [self.g_params] * self.world_size),
+            ("G trainable parameters (millions)", [self.g_trainable] * self.world_size),
+        ]
         unit, scale = ("GiB", GiB) if self.total(0) >= GiB else ("MiB", 2**20)
         width = max(len(k) for k, _ in rows)
         head = f"{unit:<{width}} " + " ".join(f"{f'rank {r}':>8}" for r in ranks)
         lines = [head, "-" * len(head)]
-        lines += [f"{k:<{width}} " + " ".join(f"{v / scale:8.2f}" for v in vs) for k, vs in rows]
+        lines += [
+            f"{k:<{width}} "
+            + " ".join(
+                f"{v / 1e6:8.3f}" if k.endswith("(millions)") else f"{v / scale:8.2f}" for v in vs
+            )
+            for k, vs in rows
+        ]
         return "\n".join(lines)
 
 
@@ -303,13 +320,22 @@ def plan(cfg: Config, *, activations: bool = True) -> Plan:
             cfg.pool, level_shapes(meta_unet(arch), arch.sample_shape(), arch.cond())
         )
     p = _numel(meta_unet(arch))
+    # t: what G's optimizer steps, its gradients and EMA; a LoRA student's base (p) is frozen,
+    # held whole on every rank (ZeRO-3, which would partition it, is refused with LoRA) and
+    # shared with the EMA
+    t, g = p, p
+    if cfg.student.lora.rank:
+        student = meta_unet(arch)
+        lora.add_adapters(student, cfg.student.lora, cfg.seed)
+        t = sum(q.numel() for q in lora.trainable(student))
+        g = _numel(student)
     frozen = 2 if tr.precision == "bf16" else 4
     f = frozen_numels(arch)
     shared = {
-        "G weights (fp32)": 4 * p // (w if d.zero_stage == 3 else 1),
-        "G gradients (fp32)": 4 * p // (w if d.zero_stage >= 2 else 1),
-        "G AdamW state (2 x fp32)": 8 * p // (w if d.zero_stage >= 1 else 1),
-        "G EMA (fp32)": 4 * p if cfg.optim.ema_decay > 0 else 0,
+        "G weights (fp32)": 4 * (g - t) + 4 * t // (w if d.zero_stage == 3 else 1),
+        "G gradients (fp32)": 4 * t // (w if d.zero_stage >= 2 else 1),
+        "G AdamW state (2 x fp32)": 8 * t // (w if d.zero_stage >= 1 else 1),
+        "G EMA (fp32)": 4 * t if cfg.optim.ema_decay > 0 else 0,
         "teacher = backbone (frozen)": frozen * p,
         "text encoders (frozen)": frozen * f["text"],
         "VAE (frozen, fp32)": 4 * f["vae"],
@@ -325,9 +351,9 @@ def plan(cfg: Config, *, activations: bool = True) -> Plan:
             "heads owned (weights, grads, AdamW)": 16 * own,
             "active head replicas (upper bound)": 4 * _replica_numel(cfg, layout) if w > 1 else 0,
         })  # fmt: skip
-    g_local = p // (w if d.zero_stage >= 1 else 1)
+    g_local = t // (w if d.zero_stage >= 1 else 1)
     temp = 0 if cfg.optim.fused else 4 * g_local  # foreach: one temporary as large as the shard
-    return Plan(arch.label, w, micro, shared, per_rank, act, temp)
+    return Plan(arch.label, w, micro, shared, per_rank, act, temp, g_params=g, g_trainable=t)
 
 
 def _replica_numel(cfg: Config, layout: PoolLayout) -> int:
