@@ -10,8 +10,9 @@ Layout (DESIGN.md §3)::
                            UNet2DConditionModel.from_pretrained
       generator_ema/       the same for the EMA weights, when EMA is on
       generator_lora/      instead of generator/ for a LoRA student (student.lora.rank > 0):
-                           pytorch_lora_weights.safetensors, diffusers' LoRA file (load_lora_weights);
-                           the frozen base is the config.yaml's model section, never written
+                           pytorch_lora_weights.safetensors, diffusers' LoRA file
+                           (load_lora_weights); the frozen base is the config.yaml's model
+                           section, never written
       generator_ema_lora/  the same for the EMA of the adapters
       scheduler/           NitroLCMScheduler config (with the shift)
       optimizer/           G's optimizer state (safetensors + json)
