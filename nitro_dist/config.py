@@ -51,7 +51,7 @@ class LoraConfig:
     checkpoints and EMAs only the adapters (the base is found again from ``model``)."""
 
     rank: int = 0
-    alpha: float = 0.0  # adapter scale alpha / rank; 0 = rank (scale 1)
+    alpha: int = 0  # adapter scale alpha / rank; 0 = rank (scale 1)
     # Module names (suffixes) that get adapters: diffusers' SDXL LoRA training default, the
     # attention projections. Any nn.Linear / nn.Conv2d name of the UNet works (e.g. proj_in).
     target_modules: list[str] = field(default_factory=lambda: ["to_k", "to_q", "to_v", "to_out.0"])

@@ -69,7 +69,7 @@ def adapter_state_dict(unet: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().float().cpu().contiguous() for k, v in sd.items()}
 
 
-def adapter_metadata(unet: torch.nn.Module) -> dict[str, Any]:
+def adapter_metadata(unet: Any) -> dict[str, Any]:
     """The peft config diffusers stores beside the weights (rank, alpha, targets)."""
     return unet.peft_config[ADAPTER].to_dict()
 

@@ -132,7 +132,7 @@ KEYS: dict[str, Case] = {
     "model.gradient_checkpointing": Case(True, "run", "student"),
     # student: LoRA adapters (rank 0 = the whole student trains)
     "student.lora.rank": Case(4, "run", "student"),
-    "student.lora.alpha": Case(16.0, "step", "g_grad_norm_at_step", {"student.lora.rank": 4}),
+    "student.lora.alpha": Case(16, "step", "g_grad_norm_at_step", {"student.lora.rank": 4}),
     "student.lora.target_modules": Case(["to_q"], "run", "student", {"student.lora.rank": 4}),
     # sampler
     "sampler.shift": Case(250, "run", ("denoiser", "student_scheduler")),
