@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from nitro_dist import retry
+from nitro_dist import lora, retry
 from nitro_dist.checkpoint import Parts
 from nitro_dist.config import Config, dump_yaml, to_dict
 from nitro_dist.data.pairs import PromptSet, precompute_pairs
@@ -159,6 +159,8 @@ def build_run(
     device = pick_device(cfg.train.device)
     task = task_of(cfg)
     models = models if models is not None else models_of(cfg, task)
+    if cfg.student.lora.rank and not lora.has_adapters(models.student):
+        lora.add_adapters(models.student, cfg.student.lora, cfg.seed)
     num_timesteps = int(models.schedule.get("num_train_timesteps", 1000))
     if max(cfg.pool.t_buckets) + cfg.pool.t_jitter >= num_timesteps:
         raise ValueError(
@@ -219,7 +221,10 @@ def build_run(
             )
     ema = None
     if cfg.optim.ema_decay > 0:
-        ema = copy.deepcopy(models.student).requires_grad_(False).eval()
+        # frozen weights (a LoRA student's base) are shared, not copied: the EMA averages
+        # what is trained
+        shared = {id(p): p for p in models.student.parameters() if not p.requires_grad}
+        ema = copy.deepcopy(models.student, shared).requires_grad_(False).eval()
     run = Run(
         cfg=cfg,
         models=models,

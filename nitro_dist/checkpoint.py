@@ -22,10 +22,12 @@ from typing import TYPE_CHECKING, Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from nitro_dist import optim
+from nitro_dist import lora, optim
 from nitro_dist.checkpoint_layout import (
     GENERATOR,
     GENERATOR_EMA,
+    GENERATOR_EMA_LORA,
+    GENERATOR_LORA,
     SCHEDULER,
     TRAINER_STATE,
     newest_verified,
@@ -193,10 +195,15 @@ def _write_checkpoint(parts: Parts, folder: Path) -> None:
             check_finite("checkpoint: generator EMA", parts.ema.parameters())
     parts.g.save(folder / "optimizer", write=lead)
     written = [f"pool/head_{hid:06d}.safetensors" for hid in parts.pool.owned]
-    if lead:
+    if lead and lora.has_adapters(student):  # the adapters only: the base is the config's model
+        lora.save_adapters(student, folder / GENERATOR_LORA)
+        if parts.ema is not None:
+            lora.save_adapters(parts.ema, folder / GENERATOR_EMA_LORA)
+    elif lead:
         student.save_pretrained(folder / GENERATOR, safe_serialization=True)
         if parts.ema is not None:
             parts.ema.save_pretrained(folder / GENERATOR_EMA, safe_serialization=True)
+    if lead:
         parts.scheduler.save_pretrained(folder / SCHEDULER)
         write_pool_manifest(parts.pool, folder / "pool", parts.trainer_state["iteration"])
         engine = parts.g.engine_state()
@@ -205,7 +212,8 @@ def _write_checkpoint(parts: Parts, folder: Path) -> None:
             write_json(folder / "deepspeed" / "engine.json", engine)
         write_json(folder / TRAINER_STATE, parts.trainer_state)
         (folder / "config.yaml").write_text(parts.config_yaml)
-        written += [GENERATOR, GENERATOR_EMA, SCHEDULER, "optimizer", "pool/manifest.json"]
+        written += [GENERATOR, GENERATOR_EMA, GENERATOR_LORA, GENERATOR_EMA_LORA, SCHEDULER]
+        written += ["optimizer", "pool/manifest.json"]
         written += ["deepspeed", TRAINER_STATE, "config.yaml"]
     save_pool(parts.pool, folder / "pool")
     write_part(
@@ -241,7 +249,8 @@ def failed_write(tmp: Path, root: Path | None, error: BaseException) -> None:
 def resume_parts(owned_heads: Sequence[int]) -> list[str]:
     """What a rank owning ``owned_heads`` reads to resume (all it downloads from object storage;
     what ``load_weights`` verifies)."""
-    fixed = [GENERATOR, GENERATOR_EMA, "optimizer", "deepspeed", TRAINER_STATE, "config.yaml"]
+    fixed = [GENERATOR, GENERATOR_EMA, GENERATOR_LORA, GENERATOR_EMA_LORA, "optimizer"]
+    fixed += ["deepspeed", TRAINER_STATE, "config.yaml"]
     return [*fixed, "pool/manifest.json", *(f"pool/head_{h:06d}.safetensors" for h in owned_heads)]
 
 
@@ -261,11 +270,25 @@ def load_weights(
     if problems:
         raise ValueError(f"checkpoint {path} does not verify: {'; '.join(problems)}")
     state = json.loads((path / TRAINER_STATE).read_text())
-    loaded = UNet2DConditionModel.from_pretrained(path / GENERATOR, use_safetensors=True)
-    student.load_state_dict(loaded.state_dict())
-    if ema is not None and (path / GENERATOR_EMA).exists():
-        saved = UNet2DConditionModel.from_pretrained(path / GENERATOR_EMA, use_safetensors=True)
-        ema.load_state_dict(saved.state_dict())
+    saved_lora = (path / GENERATOR_LORA).is_dir()
+    if saved_lora != lora.has_adapters(student):
+        has, wants = (
+            ("LoRA adapters", "a full student") if saved_lora else ("a full student", "LoRA")
+        )
+        raise ValueError(
+            f"checkpoint {path} holds {has} but this config trains {wants}: resume with the "
+            "checkpoint's student.lora.rank"
+        )
+    if saved_lora:  # the base came from the config (build_run); the adapters from here
+        lora.load_adapters(student, path / GENERATOR_LORA)
+        if ema is not None and (path / GENERATOR_EMA_LORA).exists():
+            lora.load_adapters(ema, path / GENERATOR_EMA_LORA)
+    else:
+        loaded = UNet2DConditionModel.from_pretrained(path / GENERATOR, use_safetensors=True)
+        student.load_state_dict(loaded.state_dict())
+        if ema is not None and (path / GENERATOR_EMA).exists():
+            saved = UNet2DConditionModel.from_pretrained(path / GENERATOR_EMA, use_safetensors=True)
+            ema.load_state_dict(saved.state_dict())
     out = {
         "iteration": state["iteration"],
         "images_seen": state["images_seen"],

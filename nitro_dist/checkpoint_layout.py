@@ -9,6 +9,11 @@ Layout (DESIGN.md §3)::
       generator/           diffusers save_pretrained (safetensors): loads with
                            UNet2DConditionModel.from_pretrained
       generator_ema/       the same for the EMA weights, when EMA is on
+      generator_lora/      instead of generator/ for a LoRA student (student.lora.rank > 0):
+                           pytorch_lora_weights.safetensors, diffusers' LoRA file
+                           (load_lora_weights); the frozen base is the config.yaml's model
+                           section, never written
+      generator_ema_lora/  the same for the EMA of the adapters
       scheduler/           NitroLCMScheduler config (with the shift)
       optimizer/           G's optimizer state (safetensors + json)
       pool/                manifest.json + head_000123.safetensors (weights + AdamW state)
@@ -46,9 +51,13 @@ from typing import Any
 
 LATEST = "latest"
 GENERATOR, GENERATOR_EMA, SCHEDULER = "generator", "generator_ema", "scheduler"
+GENERATOR_LORA, GENERATOR_EMA_LORA = "generator_lora", "generator_ema_lora"  # LoRA students
 TRAINER_STATE, RANKS = "trainer_state.json", "ranks"
 # what inference reads from a checkpoint (heads and optimizer state are for training only)
-INFERENCE_PARTS = (GENERATOR, GENERATOR_EMA, SCHEDULER, "config.yaml", TRAINER_STATE)
+INFERENCE_PARTS = (
+    GENERATOR, GENERATOR_EMA, GENERATOR_LORA, GENERATOR_EMA_LORA, SCHEDULER, "config.yaml",
+    TRAINER_STATE,
+)  # fmt: skip
 PART_FORMAT = 2  # 2: part files list their files with sizes and checksums; 1: no file list
 HASH = "blake2b"
 CHUNK = 8 << 20  # bytes read at a time when hashing (SDXL checkpoints are tens of GB)
@@ -362,7 +371,13 @@ def resolve(path: str | Path, *, parts: Sequence[str] | None = None) -> Path:
     raise ValueError(f"--checkpoint/--resume: no checkpoint found at {p}")
 
 
+def is_lora(path: Path) -> bool:
+    """The checkpoint holds a LoRA student's adapters (``generator_lora/``), not full weights."""
+    return (path / GENERATOR_LORA).is_dir()
+
+
 def generator_dir(path: Path, use_ema: bool = True) -> Path:
-    """The weights to sample with: the EMA when there is one and ``use_ema``."""
-    ema = path / GENERATOR_EMA
-    return ema if use_ema and ema.exists() else path / GENERATOR
+    """The weights to sample with: the EMA when there is one and ``use_ema``; a LoRA
+    checkpoint's adapter folder (``generator_lora/`` or ``generator_ema_lora/``)."""
+    own, ema = (GENERATOR_LORA, GENERATOR_EMA_LORA) if is_lora(path) else (GENERATOR, GENERATOR_EMA)
+    return path / ema if use_ema and (path / ema).exists() else path / own

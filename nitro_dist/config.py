@@ -45,6 +45,24 @@ class ModelConfig:
 
 
 @dataclass(kw_only=True)
+class LoraConfig:
+    """LoRA adapters on the student (diffusers' peft path: ``UNet2DConditionModel.add_adapter``).
+    rank 0 trains the whole student; rank > 0 freezes it and trains, optimizes, syncs,
+    checkpoints and EMAs only the adapters (the base is found again from ``model``)."""
+
+    rank: int = 0
+    alpha: int = 0  # adapter scale alpha / rank; 0 = rank (scale 1)
+    # Module names (suffixes) that get adapters: diffusers' SDXL LoRA training default, the
+    # attention projections. Any nn.Linear / nn.Conv2d name of the UNet works (e.g. proj_in).
+    target_modules: list[str] = field(default_factory=lambda: ["to_k", "to_q", "to_v", "to_out.0"])
+
+
+@dataclass(kw_only=True)
+class StudentConfig:
+    lora: LoraConfig = field(default_factory=LoraConfig)
+
+
+@dataclass(kw_only=True)
 class SamplerConfig:
     """The student's shifted-LCM sampler (DESIGN.md §2 "Timestep shift")."""
 
@@ -268,6 +286,7 @@ class Config:
     # shards + train.sample_prompts), or a package.module:Class of your own.
     task: str = "digits"
     model: ModelConfig = field(default_factory=ModelConfig)
+    student: StudentConfig = field(default_factory=StudentConfig)
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     refinement: RefinementConfig = field(default_factory=RefinementConfig)
@@ -547,6 +566,20 @@ def validate(cfg: Config) -> None:
         f"train.grad_accum ({tr.grad_accum})",
     )
     need(d.zero_stage in (0, 1, 2, 3), "distributed.zero_stage", "must be 0, 1, 2 or 3")
+    lo = cfg.student.lora
+    need(lo.rank >= 0, "student.lora.rank", "must be >= 0 (0: train the whole student)")
+    need(lo.alpha >= 0, "student.lora.alpha", "must be >= 0 (0: alpha = rank)")
+    need(
+        lo.rank == 0 or len(lo.target_modules) > 0,
+        "student.lora.target_modules",
+        "needs at least one module name when student.lora.rank > 0",
+    )
+    need(
+        lo.rank == 0 or d.zero_stage < 3,
+        "student.lora.rank",
+        "LoRA adapters are not supported with distributed.zero_stage=3 (use ZeRO 0-2: the "
+        "adapters' optimizer state is what ZeRO 1-2 shard)",
+    )
     need(
         cfg.optim.offload == "none" or d.zero_stage >= 1,
         "optim.offload",

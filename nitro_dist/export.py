@@ -22,6 +22,13 @@ run kept one (--no-ema: the raw generator's). Formats:
                     --custom a fine-tune of it (a diffusers UNet or pipeline folder, a single-file
                     SDXL checkpoint, or a bare UNet state dict); written as a diffusers UNet
                     folder, or with --delta-as single-file as an original-layout FILE.safetensors.
+  lora              a LoRA student's adapters (student.lora.rank > 0) as diffusers' LoRA file
+                    (--out FILE.safetensors, keys unet.*, the peft config as metadata):
+                    pipe.load_lora_weights(DIR, weight_name=FILE) on the run's base model.
+
+A LoRA checkpoint holds the adapters only; the base is its config's model section (the student
+path, else the teacher). The full-weight formats above then need --merge: the adapters merged
+into that base (diffusers' load_lora_adapter + fuse_lora).
 
 An existing --out is replaced only with --overwrite; files are written under a temporary name and
 moved into place.
@@ -43,7 +50,7 @@ import torch
 from nitro_dist import checkpoint_layout as ckpt
 from nitro_dist import remote
 
-FORMATS = ("diffusers", "unet-safetensors", "single-file", "delta")
+FORMATS = ("diffusers", "unet-safetensors", "single-file", "delta", "lora")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -69,6 +76,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument(
         "--full", action="store_true", help="single-file: add the text encoders and the VAE"
     )
+    ap.add_argument(
+        "--merge",
+        action="store_true",
+        help="a LoRA checkpoint in a full-weight format: the adapters merged into the base",
+    )
     ap.add_argument("--base", help="delta: the UNet the distillation started from")
     ap.add_argument("--custom", help="delta: the user's fine-tune of --base")
     ap.add_argument(
@@ -83,6 +95,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         ap.error("--format delta needs --base and --custom")
     if not delta and (args.base or args.custom):
         ap.error("--base/--custom are only read with --format delta")
+    if args.merge and args.format == "lora":
+        ap.error("--merge writes full weights: use it with diffusers|unet-safetensors|single-file|"
+                 "delta, not --format lora")  # fmt: skip
     if args.full and args.format != "single-file":
         ap.error("--full is only read with --format single-file")
     if _writes_file(args) and args.out.suffix != ".safetensors":
@@ -91,7 +106,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def _writes_file(args: argparse.Namespace) -> bool:
-    return args.format in ("unet-safetensors", "single-file") or (
+    return args.format in ("unet-safetensors", "single-file", "lora") or (
         args.format == "delta" and args.delta_as == "single-file"
     )
 
@@ -108,7 +123,7 @@ def sidecar_path(out: Path) -> Path:
 def open_checkpoint(spec: str) -> Path:
     """A local checkpoint folder for ``spec`` (object storage: its inference parts, cached)."""
     path = remote.open_checkpoint(spec)
-    if not (path / ckpt.GENERATOR / "config.json").exists():
+    if not ckpt.is_lora(path) and not (path / ckpt.GENERATOR / "config.json").exists():
         raise ValueError(f"--checkpoint: {path} has no {ckpt.GENERATOR}/ weights")
     if not (path / ckpt.SCHEDULER).is_dir():
         raise ValueError(f"--checkpoint: {path} has no {ckpt.SCHEDULER}/ folder")
@@ -116,11 +131,24 @@ def open_checkpoint(spec: str) -> Path:
 
 
 def generator_unet(path: Path, use_ema: bool) -> Any:
-    from diffusers import UNet2DConditionModel
+    """G's full weights (a LoRA checkpoint: merged into its base)."""
+    from nitro_dist.inference import checkpoint_unet
 
-    return UNet2DConditionModel.from_pretrained(
-        ckpt.generator_dir(path, use_ema), use_safetensors=True
-    )
+    return checkpoint_unet(path, use_ema)
+
+
+def _export_lora(folder: Path, dtype: torch.dtype, out: Path) -> None:
+    """The checkpoint's LoRA file (diffusers' layout already), cast, its metadata kept."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    from nitro_dist.lora import LORA_FILE
+
+    src = folder / LORA_FILE
+    with safe_open(str(src), "pt") as f:
+        metadata = f.metadata()
+    sd = _cast(load_file(str(src)), dtype)
+    _write(out, lambda tmp: save_file(sd, str(tmp), metadata=metadata))
 
 
 def _teacher_parts(path: Path, what: str, *, vae: bool) -> tuple[Any, Any]:
@@ -207,6 +235,23 @@ def export(args: argparse.Namespace) -> None:
 
     path = open_checkpoint(args.checkpoint)
     dtype = DTYPES[args.dtype]
+    lora_ckpt = ckpt.is_lora(path)
+    if args.format == "lora":
+        if not lora_ckpt:
+            raise ValueError(
+                f"--format lora: {path} holds a full student (student.lora.rank=0), no adapters"
+            )
+        folder = ckpt.generator_dir(path, not args.no_ema)
+        print(f"checkpoint {path} ({folder.name})")
+        _export_lora(folder, dtype, args.out)
+        return
+    if lora_ckpt and not args.merge:
+        raise ValueError(
+            f"--checkpoint: {path} holds LoRA adapters only (student.lora.rank > 0): --format "
+            f"lora writes them, --merge writes {args.format} with them merged into the base"
+        )
+    if args.merge and not lora_ckpt:
+        raise ValueError(f"--merge: {path} holds a full student, not LoRA adapters")
     unet = generator_unet(path, not args.no_ema)
     scheduler = NitroLCMScheduler.from_pretrained(path / ckpt.SCHEDULER)
     print(f"checkpoint {path} ({ckpt.generator_dir(path, not args.no_ema).name})")

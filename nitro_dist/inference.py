@@ -28,6 +28,19 @@ from nitro_dist.remote import open_checkpoint
 from nitro_dist.tasks import load_task
 
 
+def checkpoint_unet(path: Path, use_ema: bool = True, cfg: Config | None = None) -> Any:
+    """G's weights in a (local) checkpoint: ``generator/`` (its EMA when there is one and
+    ``use_ema``), or for a LoRA student the adapters merged into the base the checkpoint's config
+    names (``lora.merged_unet``: its ``model`` section is the reference to the base)."""
+    folder = ckpt.generator_dir(path, use_ema)
+    if ckpt.is_lora(path):
+        from nitro_dist import lora
+
+        cfg = cfg if cfg is not None else Generator.checkpoint_config(path)
+        return lora.merged_unet(lora.base_student(cfg), folder)
+    return UNet2DConditionModel.from_pretrained(folder, use_safetensors=True)
+
+
 class Generator:
     def __init__(
         self,
@@ -85,9 +98,7 @@ class Generator:
     ) -> Generator:
         path = open_checkpoint(path)
         cfg = cls.checkpoint_config(path)
-        unet = UNet2DConditionModel.from_pretrained(
-            ckpt.generator_dir(path, use_ema), use_safetensors=True
-        )
+        unet = checkpoint_unet(path, use_ema, cfg)
         scheduler = NitroLCMScheduler.from_pretrained(path / ckpt.SCHEDULER)
         text, vae = _text_and_vae(cfg)
         return cls(unet, text, scheduler, vae, device, dtype, batch_size=batch_size)

@@ -19,6 +19,10 @@ copies), and the step's temporaries with it; the device keeps the gradient row (
 reduce buckets hold less at a time). Frozen models bf16 under ``train.precision=bf16`` (the VAE
 stays fp32), else fp32. Not counted: the CUDA context and allocator fragmentation, DeepSpeed's
 flat buffers (ZeRO 1-2 keep an fp32 copy of the rank's partition and gradient buckets), NCCL.
+A LoRA student (``student.lora.rank`` > 0): gradients, AdamW state and EMA cover the adapters
+only; the frozen base counts once among G's weights (the EMA shares it). Its activations are
+the full student's (peft cannot add adapters to fake modules): the backward through the frozen
+base keeps the same inputs, the adapters' own are rank-sized.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
+from nitro_dist import lora
 from nitro_dist import step as S
 from nitro_dist.config import Config
 from nitro_dist.diffusion import StudentDenoiser
@@ -275,6 +280,8 @@ class Plan:
     unet_numel: int  # parameters of G (= the teacher/backbone's)
     pool_numel: int  # parameters of the whole head pool (every rank's heads)
     num_heads: int
+    g_params: int = 0  # G's parameters (a LoRA student: base + adapters)
+    g_trainable: int = 0  # what G's optimizer steps (a LoRA student: the adapters)
 
     def host_total(self) -> int:
         return sum(self.host.values())
@@ -295,6 +302,10 @@ class Plan:
             ("G optimizer step temporaries", [self.optimizer_temp] * self.world_size),
             ("total (larger of the two above)", [self.total(r) for r in ranks]),
         ]
+        rows += [
+            ("G parameters (millions)", [self.g_params] * self.world_size),
+            ("G trainable parameters (millions)", [self.g_trainable] * self.world_size),
+        ]
         host = [(f"host: {k}", [v] * self.world_size) for k, v in self.host.items()]
         if host:
             host.append(("host: total", [self.host_total()] * self.world_size))
@@ -302,12 +313,17 @@ class Plan:
         width = max(len(k) for k, _ in rows + host)
         head = f"{unit:<{width}} " + " ".join(f"{f'rank {r}':>8}" for r in ranks)
         lines = [head, "-" * len(head)]
-        lines += [f"{k:<{width}} " + " ".join(f"{v / scale:8.2f}" for v in vs) for k, vs in rows]
+
+        def line(k: str, vs: list[int]) -> str:
+            millions = k.endswith("(millions)")
+            return f"{k:<{width}} " + " ".join(
+                f"{v / 1e6:8.3f}" if millions else f"{v / scale:8.2f}" for v in vs
+            )
+
+        lines += [line(k, vs) for k, vs in rows]
         if host:  # not on the device: after the device total
             lines.append("-" * len(head))
-            lines += [
-                f"{k:<{width}} " + " ".join(f"{v / scale:8.2f}" for v in vs) for k, vs in host
-            ]
+            lines += [line(k, vs) for k, vs in host]
         return "\n".join(lines)
 
     def pool_line(self) -> str:
@@ -332,18 +348,27 @@ def plan(cfg: Config, *, activations: bool = True) -> Plan:
             cfg.pool, level_shapes(meta_unet(arch), arch.sample_shape(), arch.cond())
         )
     p = _numel(meta_unet(arch))
+    # t: what G's optimizer steps, its gradients and EMA; a LoRA student's base (p) is frozen,
+    # held whole on every rank (ZeRO-3, which would partition it, is refused with LoRA) and
+    # shared with the EMA
+    t, g = p, p
+    if cfg.student.lora.rank:
+        student = meta_unet(arch)
+        lora.add_adapters(student, cfg.student.lora, cfg.seed)
+        t = sum(q.numel() for q in lora.trainable(student))
+        g = _numel(student)
     frozen = 2 if tr.precision == "bf16" else 4
     f = frozen_numels(arch)
     o = cfg.optim
     offload = o.offload == "cpu"
-    g_local = p // (w if d.zero_stage >= 1 else 1)  # G's optimizer partition on this rank
+    g_local = t // (w if d.zero_stage >= 1 else 1)  # G's optimizer partition on this rank
     state = {32: "G AdamW state (2 x fp32)", 8: "G AdamW state (8-bit)"}[o.state_bits]
     g_state = int(ADAM_STATE_BYTES[o.state_bits] * g_local)
     shared = {
-        "G weights (fp32)": 4 * p // (w if d.zero_stage == 3 else 1),
-        "G gradients (fp32)": 4 * p // (w if d.zero_stage >= 2 else 1),
+        "G weights (fp32)": 4 * (g - t) + 4 * t // (w if d.zero_stage == 3 else 1),
+        "G gradients (fp32)": 4 * t // (w if d.zero_stage >= 2 else 1),
         state: 0 if offload else g_state,
-        "G EMA (fp32)": 4 * p if o.ema_decay > 0 else 0,
+        "G EMA (fp32)": 4 * t if o.ema_decay > 0 else 0,
         "teacher = backbone (frozen)": frozen * p,
         "text encoders (frozen)": frozen * f["text"],
         "VAE (frozen, fp32)": 4 * f["vae"],
@@ -372,7 +397,7 @@ def plan(cfg: Config, *, activations: bool = True) -> Plan:
             "G optimizer step temporaries": 0 if o.fused else 4 * g_local,
         }
     return Plan(arch.label, w, micro, shared, per_rank, act, temp, host, p, layout.numel(),
-                layout.num_heads)  # fmt: skip
+                layout.num_heads, g_params=g, g_trainable=t)  # fmt: skip
 
 
 def _replica_numel(cfg: Config, layout: PoolLayout) -> int:

@@ -467,7 +467,8 @@ def _train_step(run: Run, iteration: int, timer: Timer) -> dict[str, float]:
                 if applied and run.ema is not None:
                     with torch.no_grad(), run.g.full_params() as params:
                         for pe, p in zip(run.ema.parameters(), params, strict=True):
-                            pe.lerp_(p.to(pe.dtype), 1 - cfg.optim.ema_decay)
+                            if p.requires_grad:  # a LoRA student's frozen base is shared
+                                pe.lerp_(p.to(pe.dtype), 1 - cfg.optim.ema_decay)
             pool.reduce_and_step(heads, timer, apply=applied)
             clean = applied
         else:  # a later D step that is not finite: it and the rest are dropped, G's step stands

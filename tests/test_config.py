@@ -168,6 +168,16 @@ VALIDATE_CASES = {
         (["train.compile=true", "distributed.zero_stage=3"], "train.compile"),
         (["train.compile=true", "train.compile_backend=nope"], "train.compile_backend"),
     ],
+    "student": [
+        (["student.lora.rank=-1"], "student.lora.rank"),
+        (["student.lora.rank=4", "student.lora.alpha=-1"], "student.lora.alpha"),
+        (["student.lora.rank=4", "student.lora.target_modules=[]"], "student.lora.target_modules"),
+        (["student.lora.rank=4", "distributed.zero_stage=3"], "student.lora.rank"),
+    ],
+    "storage": [
+        (["storage.retries=-1"], "storage.retries"),
+        (["storage.retry_max_s=-1"], "storage.retry_max_s"),
+    ],
     "distributed": [
         (["distributed.num_workers=0"], "distributed.num_workers"),
         (["distributed.zero_stage=4"], "distributed.zero_stage"),

@@ -58,7 +58,7 @@ from unittest import mock
 import pytest
 import torch
 
-from nitro_dist import loop
+from nitro_dist import loop, lora
 from nitro_dist.build import build_run, models_of
 from nitro_dist.checkpoint import DiskFullError, NonFiniteError
 from nitro_dist.config import Config, get_key, load_config, to_dict, with_values
@@ -131,6 +131,10 @@ KEYS: dict[str, Case] = {
     ),
     "model.use_vae": Case(True, "run", "vae"),
     "model.gradient_checkpointing": Case(True, "run", "student"),
+    # student: LoRA adapters (rank 0 = the whole student trains)
+    "student.lora.rank": Case(4, "run", "student"),
+    "student.lora.alpha": Case(16, "step", "g_grad_norm_at_step", {"student.lora.rank": 4}),
+    "student.lora.target_modules": Case(["to_q"], "run", "student", {"student.lora.rank": 4}),
     # sampler
     "sampler.shift": Case(250, "run", ("denoiser", "student_scheduler")),
     "sampler.original_inference_steps": Case(8, "run", ("denoiser", "student_scheduler")),
@@ -367,6 +371,7 @@ def shared_models(cfg: Config):
     key = json.dumps(
         [
             to_dict(cfg.model),
+            to_dict(cfg.student),  # build_run adds a LoRA student's adapters to these models
             cfg.seed,
             cfg.task if cfg.model.source == "task" else None,  # its model_dir() is read then
             t.precision,
@@ -379,6 +384,8 @@ def shared_models(cfg: Config):
     )
     if key not in _MODELS:
         models = models_of(cfg)
+        if cfg.student.lora.rank:  # as build_run does: the initial state includes the adapters
+            lora.add_adapters(models.student, cfg.student.lora, cfg.seed)
         _MODELS[key] = (models, {k: v.clone() for k, v in models.student.state_dict().items()})
     models, initial = _MODELS[key]
     models.student.load_state_dict(initial)

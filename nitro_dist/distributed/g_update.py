@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
-from nitro_dist import optim
+from nitro_dist import lora, optim
 
 if TYPE_CHECKING:
     from diffusers import ModelMixin
@@ -72,7 +72,8 @@ class TorchUpdate:
     def __init__(self, student: ModelMixin, cfg: Config, world_size: int = 1) -> None:
         o = cfg.optim
         self.student, self.grad_clip, self.accum = student, o.grad_clip, cfg.train.grad_accum
-        self.optimizer = optim.adamw(student.parameters(), o)
+        self.params = lora.trainable(student)  # all of G, or a LoRA student's adapters
+        self.optimizer = optim.adamw(self.params, o)
         self.world_size = world_size
 
     @property
@@ -85,7 +86,7 @@ class TorchUpdate:
     def step(self, apply: bool = True) -> tuple[float, bool]:
         if self.world_size > 1:
             self._average_grads()  # the same gradients, so the same norm, on every rank
-        norm = float(torch.nn.utils.clip_grad_norm_(self.student.parameters(), self.grad_clip))
+        norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip))
         stepped = apply and math.isfinite(norm)
         if stepped:
             self.optimizer.step()
@@ -96,7 +97,7 @@ class TorchUpdate:
         """One flat all-reduce of every gradient, divided by the number of ranks."""
         import torch.distributed as dist
 
-        grads = [p.grad for p in self.student.parameters() if p.grad is not None]
+        grads = [p.grad for p in self.params if p.grad is not None]
         flat = torch.cat([g.flatten() for g in grads])
         dist.all_reduce(flat)
         flat /= self.world_size
@@ -111,12 +112,11 @@ class TorchUpdate:
 
     def save(self, folder: Path, write: bool) -> None:
         if write:
-            params = list(self.student.parameters())
-            optim.write_state(folder, optim.state_tensors(self.optimizer, params), self.optimizer)
+            tensors = optim.state_tensors(self.optimizer, self.params)
+            optim.write_state(folder, tensors, self.optimizer)
 
     def load(self, folder: Path) -> None:
-        params = list(self.student.parameters())
-        optim.load_state_tensors(self.optimizer, params, optim.read_state(folder))
+        optim.load_state_tensors(self.optimizer, self.params, optim.read_state(folder))
         optim.load_hyperparameters(self.optimizer, folder)
 
     def engine_state(self) -> dict[str, Any]:
@@ -169,7 +169,7 @@ class DeepSpeedUpdate:
         o = cfg.optim
         # ZeRO 1/2/3 hand this AdamW one flat fp32 partition: fused steps it in one kernel with
         # no full-size temporaries (foreach allocates one as large as the partition)
-        opt = optim.adamw(student.parameters(), o)
+        opt = optim.adamw(lora.trainable(student), o)  # a LoRA student: its adapters only
         bf16 = cfg.train.precision == "bf16"
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=student, optimizer=opt, config=deepspeed_config(cfg, world_size, bf16)
