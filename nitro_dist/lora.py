@@ -136,6 +136,10 @@ def merged_unet(base: UNet2DConditionModel, folder: Path) -> UNet2DConditionMode
 def base_student(cfg: Config) -> UNet2DConditionModel:
     """The frozen base a LoRA checkpoint was trained on, from its config's ``model`` section
     (what ``build_run`` starts G from, before adapters)."""
-    from nitro_dist.build import models_of
+    from nitro_dist.models.builders import build_models  # not build.py: serving needs no
+    from nitro_dist.tasks import load_task  # training code (tests/test_imports.py)
 
-    return models_of(cfg).student
+    task_dir = None
+    if cfg.model.source == "task":
+        task_dir = load_task(cfg.task, cfg.train.sample_prompts).model_dir()
+    return build_models(cfg.model, cfg.seed, task_dir).student
