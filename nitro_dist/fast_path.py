@@ -74,11 +74,11 @@ def compilations(gen: Generator) -> int:
     request that changes it paid for compilation or capture."""
     from torch._dynamo.utils import counters
 
-    captured = sum(
-        len(w.fn.graphs)
-        for w in (gen.fast_unet, gen.fast_decode)
-        if w is not None and isinstance(getattr(w, "fn", None), CudaGraphed)
-    )
+    captured = 0
+    for wrapper in (gen.fast_unet, gen.fast_decode):
+        fn = getattr(wrapper, "fn", None)
+        if isinstance(fn, CudaGraphed):
+            captured += len(fn.graphs)
     return int(counters["stats"]["unique_graphs"]) + captured
 
 

@@ -247,7 +247,7 @@ def _accelerated(
     known sizes and warms each), with room for many shapes and no sharing of that room with
     other compiled functions of the process."""
     if compile is not None:
-        fn = torch.compile(
+        fn = torch.compile(  # type: ignore[call-overload]  # the stubs lack recompile_limit
             fn,
             backend=backend,
             mode=compile if backend == "inductor" else None,  # modes are inductor's

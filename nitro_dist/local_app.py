@@ -61,7 +61,8 @@ def local_api(models: dict[str, ServedModel]) -> FastAPI:
     replica's Ingress into every route as ``self``; here a dependency override does."""
     from nitro_dist import serve
 
-    ingress_cls = serve.Ingress.func_or_class.__bases__[0]  # under Serve's ASGI wrapper
+    # the class under Serve's ASGI wrapper (a Deployment: mypy does not apply class decorators)
+    ingress_cls = serve.Ingress.func_or_class.__bases__[0]  # type: ignore[attr-defined]
     ingress = object.__new__(ingress_cls)
     ingress_cls.__init__(ingress, LocalGenerator(models), list(models))
     deps = {

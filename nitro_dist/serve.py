@@ -6,9 +6,11 @@
 
 Endpoints: ``POST /v1/images`` (JSON in; JSON with base64 PNGs or ``image/png`` out),
 ``POST /v1/images/generations`` and ``GET /v1/models`` (OpenAI-compatible: the ``openai`` client
-works against this server), ``GET /healthz``, ``GET /`` (a page to try prompts). Two
-deployments: ``Generator`` (the model, one per GPU on a cluster, dynamic batching grouped by
-steps and size) and ``Ingress`` (HTTP, validation, backpressure answered with 503).
+works against this server), ``GET /healthz``, ``GET /`` (a page to try prompts, and to draw as
+you type over the ``/v1/live`` WebSocket). Two deployments: ``Generator`` (the models, one
+replica per GPU on a cluster, chosen per request by Serve's model multiplexing, dynamic batching
+grouped by steps and size, optionally compiled and warmed: ``fast_path``) and ``Ingress`` (HTTP,
+validation, backpressure answered with 503).
 """
 
 import asyncio
@@ -142,7 +144,7 @@ class GeneratorReplica:
     per (steps, size) group. Every model is loaded (and on the fast path compiled and warmed)
     before the replica reports healthy."""
 
-    async def __init__(
+    async def __init__(  # type: ignore[misc]  # Serve awaits an async constructor
         self,
         models: dict[str, str],
         device: str,
@@ -157,7 +159,7 @@ class GeneratorReplica:
 
         self.models = models
         self.default = next(iter(models))
-        self.load_args = {
+        self.load_args: dict[str, Any] = {
             "device": device,
             "dtype": dtype,
             "use_ema": use_ema,
