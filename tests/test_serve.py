@@ -50,11 +50,9 @@ def base_url(run_dir, cluster):  # the session's Ray, with the module's S3 bucke
         serve.run(
             app({"checkpoint": str(run_dir), **common, **busy}), name="busy", route_prefix="/busy"
         )
-        serve.run(
-            app({"checkpoint": "s3://nitro-test/served", **common}), name="s3", route_prefix="/s3"
-        )
-        two = {"models": f"digits={run_dir},again={run_dir}", **common}  # Serve multiplexing
-        serve.run(app(two), name="multi", route_prefix="/multi")
+        # two models in one app (Serve multiplexing): the S3 copy first (the default), the run
+        two = {"models": f"served=s3://nitro-test/served,digits={run_dir}", **common}
+        serve.run(app(two), name="s3", route_prefix="/s3")
         yield f"http://127.0.0.1:{port}"
     finally:
         serve.shutdown()  # Ray itself stays up for the session's other tests
@@ -225,7 +223,8 @@ def test_openai_client_gets_the_same_images_and_openai_errors(base_url, run_dir)
     assert model.id == run_dir.name and model.owned_by == "nitro_dist"  # the run folder's name
     assert client.models.retrieve(run_dir.name).id == run_dir.name
     with urllib.request.urlopen(f"{base_url}/s3/v1/models", timeout=30) as r:
-        assert [m["id"] for m in json.loads(r.read())["data"]] == ["served"]  # s3://.../served
+        ids = [m["id"] for m in json.loads(r.read())["data"]]
+        assert ids == ["served", "digits"]  # models=served=s3://.../served,digits=...
     raw = client.images.with_raw_response.generate(
         model=model.id,
         prompt=PROMPTS[3],
@@ -430,23 +429,23 @@ def test_draw_as_you_type_in_headless_chromium(local_url):
 
 @pytest.mark.slow
 def test_several_models_in_one_app_and_live_over_serve(base_url, run_dir):
-    """Through Ray Serve: an app of two models (Serve multiplexing) lists both and serves either
-    by ``model``, an unknown one is a 422 listing them; the WebSocket of the main app ends a
-    burst of prompts with the last prompt's image, the one /v1/images gives."""
+    """Through Ray Serve: the s3 app's two models (Serve multiplexing: the run's checkpoint in
+    S3 and on disk) are listed and served by ``model``, an unknown one is a 422 listing them;
+    the WebSocket of the main app ends a burst of prompts with the last prompt's image, the one
+    /v1/images gives."""
     from websockets.sync.client import connect
 
-    with urllib.request.urlopen(f"{base_url}/multi/healthz", timeout=30) as r:
+    with urllib.request.urlopen(f"{base_url}/s3/healthz", timeout=30) as r:
         health = json.loads(r.read())
-    assert health["status"] == "ok" and health["models"] == ["digits", "again"]
-    with urllib.request.urlopen(f"{base_url}/multi/v1/models", timeout=30) as r:
-        assert [m["id"] for m in json.loads(r.read())["data"]] == ["digits", "again"]
+    assert health["status"] == "ok" and health["models"] == ["served", "digits"]
+    assert health["checkpoint"].startswith("s3://nitro-test/served")  # the default model's
     req = {"prompt": PROMPTS[2], "seed": 9}
     want = images_of(post(f"{base_url}/v1/images", req)[2])
-    for model in ("digits", "again"):
-        status, _, body = post(f"{base_url}/multi/v1/images", {**req, "model": model})
+    for model in ("served", "digits"):
+        status, _, body = post(f"{base_url}/s3/v1/images", {**req, "model": model})
         assert status == 200 and images_of(body) == want
-    status, _, body = post(f"{base_url}/multi/v1/images", {**req, "model": "sdxl"})
-    assert status == 422 and "digits, again" in json.loads(body)["error"]
+    status, _, body = post(f"{base_url}/s3/v1/images", {**req, "model": "sdxl"})
+    assert status == 422 and "served, digits" in json.loads(body)["error"]
     prompt = PROMPTS[2]
     with connect(base_url.replace("http", "ws") + "/v1/live", open_timeout=30) as ws:
         for i in range(1, len(prompt) + 1):
