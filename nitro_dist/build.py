@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from nitro_dist import retry
 from nitro_dist.checkpoint import Parts
 from nitro_dist.config import Config, dump_yaml, to_dict
 from nitro_dist.data.pairs import PromptSet, precompute_pairs
@@ -154,6 +155,7 @@ def build_run(
     the pool and wraps G in DeepSpeed from outside."""
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
+    retry.configure(retry.from_config(cfg.storage))  # every storage call of this process
     device = pick_device(cfg.train.device)
     task = task_of(cfg)
     models = models if models is not None else models_of(cfg, task)

@@ -11,7 +11,9 @@ that are not finite are never written (``NonFiniteError``).
 
 from __future__ import annotations
 
+import errno
 import json
+import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +28,7 @@ from nitro_dist.checkpoint_layout import (
     GENERATOR_EMA,
     SCHEDULER,
     TRAINER_STATE,
+    newest_verified,
     verify,
     write_json,
     write_part,
@@ -40,6 +43,37 @@ if TYPE_CHECKING:
 
 class NonFiniteError(FloatingPointError):
     """Training produced NaN/inf: weights that are not finite, or too many skipped steps."""
+
+
+class DiskFullError(OSError):
+    """A checkpoint did not fit on its disk (ENOSPC / EDQUOT): the run stops; the half-written
+    checkpoint is removed and the previous one is left as it was."""
+
+
+DEV_FULL = "/dev/full"  # writes fail with ENOSPC: the kernel's own full disk, for fault injection
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """ENOSPC or EDQUOT anywhere in the exception chain (safetensors' Rust writer raises its
+    own error type with the OS error in the message)."""
+    seen: BaseException | None = exc
+    for _ in range(10):
+        if seen is None:
+            return False
+        if isinstance(seen, OSError) and seen.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        text = str(seen)
+        if "No space left on device" in text or "os error 28" in text or "Disk quota" in text:
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+def inject_disk_full(folder: Path) -> None:
+    """Fault injection (``distributed.disk_full_at_iteration``): the checkpoint's trainer state
+    is written onto /dev/full, so writing it fails with the kernel's ENOSPC."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / TRAINER_STATE).symlink_to(DEV_FULL)
 
 
 def check_finite(what: str, tensors) -> None:
@@ -131,6 +165,22 @@ def write_checkpoint(parts: Parts, folder: Path) -> None:
     """This rank's part of a checkpoint into ``folder``. Every rank calls it: under ZeRO the
     generator's weights and optimizer state are gathered (collective); rank 0 writes them, each
     rank writes the heads it owns, then its part file (last: it marks the part complete)."""
+    try:
+        _write_checkpoint(parts, folder)
+    except Exception as e:
+        if not is_disk_full(e):
+            raise
+        free = shutil.disk_usage(folder).free if folder.exists() else 0
+        where = getattr(e, "filename", None) or folder
+        raise DiskFullError(
+            errno.ENOSPC,
+            f"checkpoint {folder}: disk full while writing {where} ({free / 2**20:.1f} MiB free "
+            f"there; {type(e).__name__}: {e}). Free space or point distributed.storage_path at a "
+            "larger disk",
+        ) from e
+
+
+def _write_checkpoint(parts: Parts, folder: Path) -> None:
     lead = parts.rank == 0
     student = parts.g.full_module()  # fp32, full (gathered under ZeRO-3: collective)
     check_finite(f"checkpoint part of rank {parts.rank}: heads", parts.pool.heads.parameters())
@@ -166,6 +216,23 @@ def write_checkpoint(parts: Parts, folder: Path) -> None:
             "pool_numel": parts.pool.numel(),  # parameters + AdamW state this rank held
         },
     )
+
+
+def failed_write(tmp: Path, root: Path | None, error: BaseException) -> None:
+    """After a checkpoint write into ``tmp`` failed: remove the half-written folder (it frees
+    the space it took) and, for a full disk, raise a ``DiskFullError`` that also names the
+    previous checkpoint under ``root`` (untouched: it stays the one a resume takes)."""
+    shutil.rmtree(tmp, ignore_errors=True)
+    if not isinstance(error, DiskFullError):
+        return
+    prev = newest_verified(str(root), hash_parts=()) if root is not None else None
+    if root is None:
+        kept = "the checkpoints reported before are untouched (a rerun resumes from the last)"
+    elif prev is not None:
+        kept = f"the previous checkpoint {prev} is intact (a rerun resumes from it)"
+    else:
+        kept = "there is no earlier checkpoint"
+    raise DiskFullError(errno.ENOSPC, f"{error.strerror}; the run stops here; {kept}") from error
 
 
 def resume_parts(owned_heads: Sequence[int]) -> list[str]:

@@ -195,6 +195,19 @@ class DistributedConfig:
     # Fault injection (testing the numeric guard): rank ``fail_rank`` makes its G loss NaN at
     # these iterations (local runs too). Empty = off.
     nan_at_iterations: list[int] = field(default_factory=list)
+    # Fault injection (testing a full disk): the checkpoint of this iteration is written onto a
+    # full disk (a file of it goes to /dev/full: the kernel's ENOSPC). -1 = off.
+    disk_full_at_iteration: int = -1
+
+
+@dataclass(kw_only=True)
+class StorageConfig:
+    """Retries of storage calls (shard reads, run-file and checkpoint uploads, checkpoint
+    downloads; nitro_dist/retry.py): transient errors (dropped connections, timeouts, HTTP 5xx,
+    429/SlowDown) are retried with exponential backoff before anything is called unreadable."""
+
+    retries: int = 5  # tries after the first one
+    retry_max_s: float = 120.0  # no retry starts after this many seconds (waits included)
 
 
 @dataclass(kw_only=True)
@@ -251,6 +264,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
     tune: TuneConfig = field(default_factory=TuneConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
@@ -532,6 +546,8 @@ def validate(cfg: Config) -> None:
     need(d.max_failures >= -1, "distributed.max_failures", "must be >= 0 (or -1: unlimited)")
     need(0 <= d.fail_rank < d.num_workers, "distributed.fail_rank", "must be a rank of this run")
     need(bool(d.storage_path), "distributed.storage_path", "must not be empty")
+    need(cfg.storage.retries >= 0, "storage.retries", "must be >= 0")
+    need(cfg.storage.retry_max_s >= 0, "storage.retry_max_s", "must be >= 0")
     need(cfg.tune.num_samples >= 1, "tune.num_samples", "must be >= 1")
     need(cfg.tune.max_concurrent >= 1, "tune.max_concurrent", "must be >= 1")
     need(cfg.tune.grace_period >= 1, "tune.grace_period", "must be >= 1")

@@ -8,7 +8,7 @@ import io
 import json
 import re
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Annotated, Literal
 
@@ -151,9 +151,13 @@ def b64(png: bytes) -> str:
     return base64.b64encode(png).decode("ascii")
 
 
-def run_jobs(gen: Generator, jobs: list[Job]) -> list[Result]:
+def run_jobs(
+    gen: Generator, jobs: list[Job], call: Callable[..., torch.Tensor] | None = None
+) -> list[Result]:
     """Generate for many requests at once: one generator call per (steps, height, width) group,
-    results back in request order. Same seed -> same image, whatever the batch-mates."""
+    results back in request order. Same seed -> same image, whatever the batch-mates. ``call``:
+    what generates a group instead of ``gen(prompts, seeds, steps, (h, w))`` (serve_limits cuts
+    it to a pixel budget)."""
     groups: dict[tuple[int, int, int], list[int]] = defaultdict(list)
     for i, job in enumerate(jobs):
         groups[job.key()].append(i)
@@ -164,7 +168,7 @@ def run_jobs(gen: Generator, jobs: list[Job]) -> list[Result]:
             job = jobs[i]
             prompts += [job.prompt] * job.num_images
             seeds += [job.seed + k for k in range(job.num_images)]
-        images = gen(prompts, seeds, steps, (h, w))
+        images = (call or gen)(prompts, seeds, steps, (h, w))
         start = 0
         for i in idx:
             job = jobs[i]

@@ -14,8 +14,10 @@ made. Protocol (JSON text frames):
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import hmac
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
@@ -86,6 +88,16 @@ class LiveStats:
     requests: int = 0
     dropped: int = 0
     images: int = 0
+
+
+def authorized(headers: Mapping[str, str], key_sha256: str) -> bool:
+    """The WebSocket handshake carries the API key as HTTP requests do (``Authorization: Bearer
+    KEY``); the HTTP guard (serve_limits.RequestGuard) sees only HTTP, so the socket checks."""
+    if not key_sha256:
+        return True
+    scheme, _, key = headers.get("authorization", "").partition(" ")
+    digest = hashlib.sha256(key.strip().encode()).hexdigest()
+    return scheme.lower() == "bearer" and hmac.compare_digest(digest, key_sha256)
 
 
 # (prompt, seed, steps, model) -> PNG bytes; ValueError: a message for the client

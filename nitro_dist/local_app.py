@@ -17,6 +17,7 @@ from typing import Any
 from fastapi import FastAPI
 
 from nitro_dist.image_api import Job, Result, run_jobs
+from nitro_dist.serve_limits import HTTPLimits, LimitArgs, PixelBudget
 from nitro_dist.served_model import ServedModel, load_model
 
 
@@ -45,7 +46,16 @@ class LocalGenerator:
 
     @property
     def info(self) -> _Call:
-        return _Call(lambda: {**self.models[self.model].info(), "max_batch_size": 1})
+        def info() -> dict:
+            m = self.models[self.model]
+            b = PixelBudget.resolve(LimitArgs(), m.limits)  # the app's default budgets
+            budgets = {
+                "max_request_pixels": b.max_request_pixels,
+                "max_call_pixels": b.max_call_pixels,
+            }
+            return {**m.info(), "max_batch_size": 1, "budgets": budgets}
+
+        return _Call(info)
 
     @property
     def generate(self) -> _Call:
@@ -64,7 +74,7 @@ def local_api(models: dict[str, ServedModel]) -> FastAPI:
     # the class under Serve's ASGI wrapper (a Deployment: mypy does not apply class decorators)
     ingress_cls = serve.Ingress.func_or_class.__bases__[0]  # type: ignore[attr-defined]
     ingress = object.__new__(ingress_cls)
-    ingress_cls.__init__(ingress, LocalGenerator(models), list(models))
+    ingress_cls.__init__(ingress, LocalGenerator(models), list(models), HTTPLimits())
     deps = {
         inspect.signature(r.endpoint).parameters["self"].default.dependency
         for r in _routes(serve.api.router)

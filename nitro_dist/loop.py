@@ -90,7 +90,13 @@ class LocalSession:
     def save(self, run: Run, metrics: dict[str, Any]) -> Path:
         it = run.state["iteration"]
         tmp = layout.begin(self.root, it)
-        ckpt.write_checkpoint(run.checkpoint_parts(), tmp)
+        try:
+            if run.cfg.distributed.disk_full_at_iteration == it:
+                ckpt.inject_disk_full(tmp)
+            ckpt.write_checkpoint(run.checkpoint_parts(), tmp)
+        except Exception as e:
+            ckpt.failed_write(tmp, self.root, e)  # a full disk: DiskFullError
+            raise
         return layout.commit(self.root, tmp, it, self.keep)
 
     def has_checkpoint(self, iteration: int) -> bool:

@@ -1,5 +1,7 @@
 """Checkpoints in object storage (s3://..., any fsspec URL) for inference: find the newest one
-that verifies and copy the parts a generator needs into a local cache, verified again there."""
+that verifies and copy the parts a generator needs into a local cache, verified again there; and
+the run's uploads (``sync_dir``). Every storage call is retried on transient errors
+(``nitro_dist.retry``, ``storage.*``)."""
 
 from __future__ import annotations
 
@@ -49,23 +51,74 @@ def remote_checkpoint(url: str) -> str:
     url = url.rstrip("/")
     try:
         fs, path = fsspec.core.url_to_fs(url)
-        if fs.exists(f"{path}/trainer_state.json") or fs.exists(f"{path}/{RANKS}"):
-            problems = verify(path, fs, parts=INFERENCE_PARTS, hash_parts=())
-            if problems:
-                raise ValueError(f"checkpoint {url} does not verify: {'; '.join(problems)}")
-            return url
-        if not fs.exists(path):
-            raise FileNotFoundError(path)
-        found = newest_verified(path, fs, parts=INFERENCE_PARTS, hash_parts=())
+        return _retried(f"checkpoint {url}", lambda: _find_remote(url, fs, path))
     except FileNotFoundError:
         raise ValueError(f"checkpoint: nothing at {url}") from None
     except ValueError:
         raise
     except Exception as e:  # unreachable endpoint, bad credentials, ...
         raise ValueError(f"checkpoint: cannot read {url}: {e}") from e
+
+
+def _find_remote(url: str, fs, path: str) -> str:
+    """``remote_checkpoint``'s one attempt (listing and part files; retried as a whole)."""
+    if fs.exists(f"{path}/trainer_state.json") or fs.exists(f"{path}/{RANKS}"):
+        problems = verify(path, fs, parts=INFERENCE_PARTS, hash_parts=())
+        if problems:
+            raise ValueError(f"checkpoint {url} does not verify: {'; '.join(problems)}")
+        return url
+    if not fs.exists(path):
+        raise FileNotFoundError(path)
+    found = newest_verified(path, fs, parts=INFERENCE_PARTS, hash_parts=())
     if found is None:
         raise ValueError(f"checkpoint: no checkpoint that verifies under {url}")
     return f"{url}/{found.rsplit('/', 1)[-1]}"
+
+
+def _retried(what: str, fn):
+    """``fn()`` under the process's storage retry policy (``nitro_dist.retry``)."""
+    from nitro_dist import retry
+
+    return retry.call(fn, what)
+
+
+def put_file(local: str | Path, url: str) -> None:
+    """Upload one file to ``url`` (any fsspec URL); transient errors retried (an S3 PUT is whole
+    or absent, so a retry never leaves half a file)."""
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(url)
+    _retried(f"upload {local} -> {url}", lambda: fs.put_file(str(local), path))
+
+
+def get_file(url: str, local: str | Path) -> None:
+    """Download ``url`` to ``local``; transient errors retried."""
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(url)
+    Path(local).parent.mkdir(parents=True, exist_ok=True)
+    _retried(f"download {url}", lambda: fs.get_file(path, str(local)))
+
+
+def sync_dir(local: Path, url: str, uploaded: dict[Path, float] | None = None) -> list[str]:
+    """Upload the files of ``local`` under ``url`` that changed since the last call (``uploaded``:
+    file -> mtime at its upload, updated here); ``ranks/`` part files go last, so a checkpoint
+    folder in it verifies only once everything it lists is there. Returns the URLs written."""
+    seen = uploaded if uploaded is not None else {}
+    files = sorted(
+        (f for f in local.rglob("*") if f.is_file()),
+        key=lambda f: (RANKS in f.relative_to(local).parts, f.as_posix()),
+    )
+    out = []
+    for f in files:
+        mtime = f.stat().st_mtime
+        if seen.get(f) == mtime:
+            continue
+        target = f"{url.rstrip('/')}/{f.relative_to(local).as_posix()}"
+        put_file(f, target)
+        seen[f] = mtime
+        out.append(target)
+    return out
 
 
 def _parts_fingerprint(fs, path: str) -> str:
@@ -76,7 +129,7 @@ def _parts_fingerprint(fs, path: str) -> str:
         names = []
     for name in names:
         h.update(name.encode())
-        h.update(fs.cat_file(name))
+        h.update(_retried(f"read {name}", lambda n=name: fs.cat_file(n)))
     return h.hexdigest()
 
 
@@ -99,10 +152,16 @@ def local_checkpoint(spec: str) -> str:
         tmp.mkdir(parents=True, exist_ok=True)
         for part in (*INFERENCE_PARTS, RANKS):
             src = f"{path}/{part}"
-            if fs.isdir(src):
-                fs.get(src, str(tmp / part), recursive=True)
-            elif fs.exists(src):
-                fs.get_file(src, str(tmp / part))
+            found = _retried(f"list {spec}/{part}", lambda s=src: fs.find(s, withdirs=False))
+            for name in found:  # file by file: a retry repeats one file, not the folder
+                rel = name[len(path) + 1 :]
+                _retried(
+                    f"download {spec}/{rel}",
+                    lambda n=name, r=rel: (
+                        (tmp / r).parent.mkdir(parents=True, exist_ok=True),
+                        fs.get_file(n, str(tmp / r)),
+                    ),
+                )
         problems = verify(tmp, parts=INFERENCE_PARTS)
         if problems:
             shutil.rmtree(tmp, ignore_errors=True)

@@ -14,6 +14,7 @@ validation, backpressure answered with 503).
 """
 
 import asyncio
+import logging
 import random
 import time
 from collections.abc import Sequence
@@ -24,7 +25,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from fastapi import FastAPI, Request, WebSocket
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import ConfigDict, Field
 from ray import serve
 from ray.exceptions import RayActorError
 from ray.serve.exceptions import BackPressureError
@@ -49,7 +50,16 @@ from nitro_dist.image_api import (
     result_headers,
     unknown_model,
 )
-from nitro_dist.live import LiveStats, live_session
+from nitro_dist.live import LiveStats, authorized, live_session
+from nitro_dist.serve_limits import (
+    HTTPLimits,
+    LimitArgs,
+    OutOfMemory,
+    PixelBudget,
+    RequestGuard,
+    install,
+)
+from nitro_dist.serve_limits import active as active_limits
 from nitro_dist.served_model import parse_models, parse_sizes
 
 if TYPE_CHECKING:
@@ -57,8 +67,9 @@ if TYPE_CHECKING:
     from nitro_dist.served_model import ServedModel
 
 
-class AppArgs(BaseModel):
-    """``serve run nitro_dist.serve:app key=value ...`` arguments (unknown keys are refused)."""
+class AppArgs(LimitArgs):
+    """``serve run nitro_dist.serve:app key=value ...`` arguments (unknown keys are refused);
+    the limits (pixel budgets, body size, timeouts, API key, docs) are ``LimitArgs``'."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -151,6 +162,7 @@ class GeneratorReplica:
         dtype: str,
         max_batch_size: int,
         batch_wait_ms: float,
+        limit_args: LimitArgs,
         use_ema: bool = True,
         fast: dict | None = None,
         sizes_hw: list[tuple[int, int]] | None = None,
@@ -159,6 +171,7 @@ class GeneratorReplica:
 
         self.models = models
         self.default = next(iter(models))
+        self.limit_args = limit_args
         self.load_args: dict[str, Any] = {
             "device": device,
             "dtype": dtype,
@@ -186,21 +199,35 @@ class GeneratorReplica:
     async def _model(self) -> "ServedModel":
         return await self.get_model(serve.get_multiplexed_model_id() or self.default)
 
+    def _budget(self, m: "ServedModel") -> PixelBudget:
+        return PixelBudget.resolve(self.limit_args, m.limits)
+
     async def info(self) -> dict[str, Any]:
         m = await self._model()
+        budget = self._budget(m)
         out = {**m.info(), "checkpoint": self.models[m.name]}  # as given (an s3:// URL, say)
-        return {**out, "max_batch_size": self.max_batch_size}
+        return {
+            **out,
+            "max_batch_size": self.max_batch_size,
+            "budgets": {
+                "max_request_pixels": budget.max_request_pixels,
+                "max_call_pixels": budget.max_call_pixels,
+            },
+        }
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
-    async def generate(self, jobs: list[Job]) -> list[Result]:
-        from nitro_dist.image_api import run_jobs
+    async def generate(self, jobs: list[Job]) -> list[Result | OutOfMemory]:
+        from nitro_dist.serve_limits import run_jobs_guarded
 
         m = await self._model()  # one model per batch: Serve splits batches by model id
-        # in a thread: the replica keeps answering health checks and queueing while it computes
-        return await asyncio.to_thread(run_jobs, m.gen, jobs)
+        # in a thread: the replica keeps answering health checks and queueing while it computes;
+        # calls cut to the pixel budget; out of memory answers OutOfMemory for the jobs it hit
+        return await asyncio.to_thread(run_jobs_guarded, m.gen, jobs, self._budget(m))
 
 
 api = FastAPI(title="nitro_dist", description="One-step text-to-image (NitroFusion)")
+# docs, API key, body size and read time, request timeout: the limits the Ingress installs
+api.add_middleware(RequestGuard)
 
 
 def _field(loc: tuple) -> str:
@@ -250,7 +277,10 @@ def _page() -> str:
 @serve.deployment(name="Ingress")
 @serve.ingress(api)
 class Ingress:
-    def __init__(self, generator: DeploymentHandle, model_names: list[str]) -> None:
+    def __init__(
+        self, generator: DeploymentHandle, model_names: list[str], http: HTTPLimits
+    ) -> None:
+        install(http)
         self.generator = generator
         self.model_names = list(model_names)
         self.model_name = self.model_names[0]  # the default model
@@ -284,7 +314,7 @@ class Ingress:
 
     async def _generate(self, job: Job) -> Result:
         try:
-            return await self._handle(job.model or self.model_name).generate.remote(job)
+            result = await self._handle(job.model or self.model_name).generate.remote(job)
         except BackPressureError as e:
             raise Unavailable(f"server busy, retry shortly ({e})", "1") from e
         except RayActorError as e:  # also ActorDiedError, ActorUnavailableError
@@ -292,6 +322,12 @@ class Ingress:
             raise Unavailable(
                 f"generator replica restarting, retry shortly ({type(e).__name__})", "5"
             ) from e
+        if isinstance(result, OutOfMemory):
+            raise Unavailable(result.message, result.retry_after)
+        return result
+
+    async def _budget(self, model: str | None = None) -> PixelBudget:
+        return PixelBudget(**(await self._model_info(model))["budgets"])
 
     @api.get("/", response_class=HTMLResponse)
     async def page(self) -> str:
@@ -299,16 +335,21 @@ class Ingress:
 
     @api.get("/healthz")
     async def healthz(self) -> JSONResponse:
-        """Live: asks a generator replica each time (the cached limits would outlive it)."""
+        """Live: asks a generator replica each time (the cached limits would outlive it). Says
+        what a client may ask for, nothing of the internals (paths, devices, errors)."""
         try:
             info = await asyncio.wait_for(self._handle(self.model_name).info.remote(), timeout=10)
         except BackPressureError:
             return JSONResponse({"status": "busy"}, status_code=503, headers={"Retry-After": "1"})
         except Exception as e:  # not up yet, restarting, or gone: say so, don't crash
-            return JSONResponse({"status": "unavailable", "error": repr(e)}, status_code=503)
+            logging.getLogger(__name__).warning("health check: generator unavailable: %r", e)
+            return JSONResponse(
+                {"status": "unavailable"}, status_code=503, headers={"Retry-After": "5"}
+            )
         self._info[self.model_name] = info
+        public = {k: info[k] for k in ("limits", "budgets", "fast_path")}
         extra = {"models": self.model_names, "live": self.live.__dict__}
-        return JSONResponse({"status": "ok", **info, "model": self.model_name, **extra})
+        return JSONResponse({"status": "ok", "model": self.model_name, **public, **extra})
 
     @api.post("/v1/images")
     async def images(self, req: ImageRequest) -> Response:
@@ -319,6 +360,8 @@ class Ingress:
             height = limits.check_side("height", req.height)
             width = limits.check_side("width", req.width)
             limits.check_size(height, width)
+            budget = await self._budget(req.model)
+            budget.check_request(req.num_images, height, width, "num_images")
         except ValueError as e:
             field = str(e).split(":", 1)[0]
             return JSONResponse({"error": str(e), "field": field}, status_code=422)
@@ -358,6 +401,11 @@ class Ingress:
             req = openai_request(await request.body(), self.model_names)
             limits = Limits(**(await self._model_info(req.model))["limits"])
             job = openai_job_of(req, limits, random.randint(0, SEED_MAX - MAX_IMAGES))
+            try:
+                budget = await self._budget(req.model)
+                budget.check_request(job.num_images, job.height, job.width, "n")
+            except ValueError as e:
+                raise OpenAIError(400, str(e), "n") from None
             result = await self._generate(job)
         except OpenAIError as e:
             return JSONResponse(e.body(), status_code=e.status)
@@ -383,6 +431,9 @@ class Ingress:
     @api.websocket("/v1/live")
     async def live_socket(self, websocket: WebSocket) -> None:
         """Draw as you type: each message a prompt, the newest one of a client always wins."""
+        if not authorized(websocket.headers, active_limits().api_key_sha256):
+            await websocket.close(code=1008, reason="authorization: send 'Bearer KEY'")
+            return
         await live_session(websocket, self._live_image, self.live)
 
     async def _live_image(self, prompt: str, seed: int, steps: int, model: str | None) -> bytes:
@@ -412,6 +463,7 @@ def _device(device: str) -> str:
 def app(args: dict) -> serve.Application:
     """Application builder: ``serve run nitro_dist.serve:app key=value ...``."""
     a = args if isinstance(args, AppArgs) else AppArgs.model_validate(args)
+    http = HTTPLimits.of(a)  # the API key from api_key_env's variable, before anything starts
     models = served_models(a)
     device = _device(a.device)
     dtype = a.dtype if a.dtype != "auto" else ("bf16" if device == "cuda" else "fp32")
@@ -438,6 +490,7 @@ def app(args: dict) -> serve.Application:
         dtype,
         a.max_batch_size,
         a.batch_wait_ms,
+        LimitArgs(**_limits(a)),
         a.use_ema,
         fast.__dict__,
         parse_sizes(a.sizes),
@@ -448,7 +501,11 @@ def app(args: dict) -> serve.Application:
         ray_actor_options={"num_cpus": 0.1},
         max_ongoing_requests=ingress_cap + a.max_queued_requests,
         max_queued_requests=a.max_queued_requests,
-    ).bind(generator, list(models))
+    ).bind(generator, list(models), http)
+
+
+def _limits(a: AppArgs) -> dict[str, Any]:
+    return a.model_dump(include=set(LimitArgs.model_fields))
 
 
 def served_models(a: AppArgs) -> dict[str, str]:

@@ -75,22 +75,31 @@ def tiny_models():
 @pytest.fixture(scope="session")
 def short_digits_run(tmp_path_factory):
     """A digits run of 2 iterations through the training loop (checkpoint, config, metrics):
-    about the teacher's 1-step quality, enough for eval and serving tests. Read-only for users."""
+    about the teacher's 1-step quality, enough for eval and serving tests. Read-only for users.
+    Made once per `pytest` command: under xdist the first worker that needs it trains it (the
+    other waits on a file lock), in the folder the workers' temporary folders share."""
+    from filelock import FileLock
+
     from nitro_dist.loop import train
 
-    out = tmp_path_factory.mktemp("digits2")
-    overrides = [
-        "train.iterations=2",
-        "train.eval_every=0",
-        "train.sample_every=0",
-        "train.checkpoint_every=0",
-        "train.eval_images=10",
-        "train.batch_size=16",
-        "teacher.offline_pairs=64",
-        "logging.wandb=false",
-        "logging.progress=false",
-    ]
-    train(load_config("digits", overrides), out)
+    base = tmp_path_factory.getbasetemp()
+    root = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+    out = root / "digits2"
+    with FileLock(str(root / "digits2.lock")):
+        if not (out / "final_metrics.json").exists():
+            overrides = [
+                "train.iterations=2",
+                "train.eval_every=0",
+                "train.sample_every=0",
+                "train.checkpoint_every=0",
+                "train.eval_images=10",
+                "train.grid_per_prompt=1",  # the final grids: one image per prompt
+                "train.batch_size=16",
+                "teacher.offline_pairs=64",
+                "logging.wandb=false",
+                "logging.progress=false",
+            ]
+            train(load_config("digits", overrides), out)
     return out
 
 

@@ -407,3 +407,103 @@ def test_sdxl_presets_follow_the_paper():
     assert vibrant.teacher.scheduler == "DDIMScheduler" and vibrant.teacher.num_steps == 8
     assert vibrant.teacher.scheduler_overrides["timestep_spacing"] == "trailing"
     assert "dmd2" in realism.model.student_path and "hyper-sdxl" in vibrant.model.student_path
+
+
+# --- secure defaults: token auth on every node, dashboard on the head only, NetworkPolicy ------
+
+
+def test_every_node_uses_token_auth_and_no_token_is_written_down():
+    from packaging.version import Version
+
+    aws = one("aws.yaml")
+    options = " ".join(aws["docker"]["run_options"])
+    assert re.search(r"(--env|-e) RAY_AUTH_MODE=token\b", options), "containers: no token auth"
+    # the token comes from the launcher's machine, not from the repository or this file
+    (local,) = [src for dst, src in aws["file_mounts"].items() if dst == "~/.ray/auth_token"]
+    assert local == "~/.ray/auth_token"
+    for command in aws["head_start_ray_commands"] + aws["worker_start_ray_commands"]:
+        assert "RAY_AUTH_MODE=disabled" not in command, command
+    for where, spec in ray_clusters():
+        assert spec["authOptions"] == {"mode": "token"}, where  # KubeRay: Secret + env per pod
+        assert Version(spec["rayVersion"]) >= Version("2.52"), where  # token auth's first release
+        for c in containers(spec):
+            env = {e["name"]: e for e in c.get("env", [])}
+            assert "value" not in env.get("RAY_AUTH_TOKEN", {}), f"{where}: token in the file"
+    for p in YAMLS:
+        text = p.read_text()
+        assert not re.search(r"RAY_AUTH_TOKEN\s*[=:]\s*[\"']?\w", text), rel(p)
+        assert not re.search(r"^\s*auth_token\s*:", text, re.M), f"{rel(p)}: a Secret's token"
+    # the README's launcher commands turn token auth on before `ray up` and generate the token
+    commands = [ln.split("#", 1)[0].strip() for ln in readme_section().splitlines()]
+    up = commands.index("ray up cluster/aws.yaml")
+    assert "export RAY_AUTH_MODE=token" in commands[:up]
+    assert "ray get-auth-token --generate > /dev/null" in commands[:up]
+
+
+def test_dashboard_is_not_exposed_beyond_the_aws_head():
+    from ray.scripts.scripts import cli as ray_cli
+
+    start = ray_cli.commands["start"]
+    (host_opt,) = [p for p in start.params if "--dashboard-host" in p.opts]
+    assert host_opt.default in ("127.0.0.1", "localhost"), host_opt.default  # Ray's default
+    aws = one("aws.yaml")
+    for command in aws["head_start_ray_commands"]:
+        hosts = re.findall(r"--dashboard-host[= ](\S+)", command)
+        assert set(hosts) <= {"127.0.0.1", "localhost"}, command
+    # reached through `ray dashboard`'s SSH tunnel; the security group is the launcher's default
+    assert "security_group" not in json.dumps(aws["provider"]).lower()
+    section = readme_section()
+    assert "ray dashboard cluster/aws.yaml" in section
+    for line in section.splitlines():
+        if line.startswith(("ray job submit", "serve deploy")):
+            assert "--address http://127.0.0.1:8265" in line, line
+
+
+def admits(policy: dict, labels: dict[str, str], port: int, namespace_labels=None) -> bool:
+    """Whether a NetworkPolicy's ingress rules let a pod with ``labels`` (in the policy's
+    namespace unless ``namespace_labels``) reach ``port`` on a selected pod (Kubernetes'
+    semantics for matchLabels peers and TCP port lists)."""
+
+    def selects(selector: dict | None, have: dict) -> bool:
+        return selector is not None and all(
+            have.get(k) == v for k, v in selector.get("matchLabels", {}).items()
+        )
+
+    for rule in policy["spec"].get("ingress", []):
+        ports = [p["port"] for p in rule.get("ports", [])]
+        if ports and port not in ports:
+            continue
+        peers = rule.get("from")
+        if not peers:  # no `from`: every source
+            return True
+        for peer in peers:
+            same_ns = "namespaceSelector" not in peer and namespace_labels is None
+            ns_ok = same_ns or selects(peer.get("namespaceSelector"), namespace_labels or {})
+            if ns_ok and ("podSelector" not in peer or selects(peer["podSelector"], labels)):
+                return True
+    return False
+
+
+def test_networkpolicy_admits_only_ray_pods_the_operator_the_submitter_and_serve():
+    (policy,) = docs(CLUSTER / "kuberay" / "networkpolicy.yaml")
+    assert policy["apiVersion"] == "networking.k8s.io/v1" and policy["kind"] == "NetworkPolicy"
+    assert policy["spec"]["policyTypes"] == ["Ingress"]
+    assert policy["spec"]["podSelector"] == {"matchLabels": {"ray.io/is-ray-node": "yes"}}
+    ray_pod = {"ray.io/is-ray-node": "yes", "ray.io/node-type": "worker"}
+    operator = {"app.kubernetes.io/name": "kuberay-operator"}
+    (job,) = [job for _, job in kuberay("RayJob")]
+    submitter = {"batch.kubernetes.io/job-name": job["metadata"]["name"]}
+    stranger: dict[str, str] = {"app": "something-else"}
+    system = {"kubernetes.io/metadata.name": "kuberay-system"}
+    ports = {"gcs": 6379, "dashboard": 8265, "client": 10001, "serve": 8000, "agent": 52365}
+    for name, port in ports.items():
+        assert admits(policy, ray_pod, port), name
+        assert admits(policy, stranger, port) == (name == "serve"), name
+        assert admits(policy, stranger, port, system) == (name == "serve"), name
+        assert admits(policy, operator, port, system) == (name in ("dashboard", "agent", "serve"))
+        assert admits(policy, submitter, port) == (name in ("dashboard", "serve")), name
+    assert admits(policy, ray_pod, 43219)  # workers' and object managers' random ports
+    # the ports the manifests open on the head are the ones the policy speaks of
+    for where, spec in ray_clusters():
+        head = spec["headGroupSpec"]["template"]["spec"]["containers"][0]
+        assert {p["containerPort"] for p in head["ports"]} <= set(ports.values()), where

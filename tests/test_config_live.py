@@ -26,6 +26,7 @@ A probe runs product code on a config and fingerprints what it built, never the 
   tune       tune.sweep up to Tuner.fit (Tuner replaced by a recorder; Ray is not started):
              the TuneConfig, ASHA's rungs, the RunConfig, the search space
   logger     run_log.MetricsLogger with a recording stand-in for the wandb module
+  storage    after build_run: a shard read from a closed port; the tries its retries made
 
 Models come from ``models_of`` once per distinct (model section, seed, task, and the train keys
 build_run applies to models) and are shared with the student's weights restored; build_run
@@ -59,7 +60,7 @@ import torch
 
 from nitro_dist import loop
 from nitro_dist.build import build_run, models_of
-from nitro_dist.checkpoint import NonFiniteError
+from nitro_dist.checkpoint import DiskFullError, NonFiniteError
 from nitro_dist.config import Config, get_key, load_config, to_dict, with_values
 from nitro_dist.diffusion import shifted
 from nitro_dist.discriminator.pool import refresh_ids, sample_active
@@ -222,6 +223,10 @@ KEYS: dict[str, Case] = {
         1, "fault", "exits", {"distributed.num_workers": 2, "distributed.fail_at_iteration": 1}
     ),
     "distributed.nan_at_iterations": Case([0], "step", "metrics"),
+    "distributed.disk_full_at_iteration": Case(1, "loop", ("stopped", "files")),
+    # storage
+    "storage.retries": Case(1, "storage", "attempts"),
+    "storage.retry_max_s": Case(0.0, "storage", "attempts"),
     # tune
     "tune.metric": Case("fid_digits_4step", "tune", "tune_config"),
     "tune.mode": Case("max", "tune", "tune_config"),
@@ -512,8 +517,8 @@ def probe_loop(cfg: Config, scratch: Path) -> dict[str, Any]:
     with mock.patch.object(loop, "build_run", fast_build), contextlib.redirect_stdout(stdout):
         try:
             final = loop.train(cfg, run_dir)
-        except NonFiniteError as e:
-            stopped = str(e)
+        except (NonFiniteError, DiskFullError) as e:
+            stopped = str(e).split(" (")[0]  # without the free space (it varies)
     log = run_dir / "metrics.jsonl"  # none when the run stopped before its first row
     rows = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
     return {
@@ -691,6 +696,31 @@ def probe_logger(cfg: Config, scratch: Path) -> dict[str, Any]:
     return {"wandb": calls, "files": files(scratch)}
 
 
+def probe_storage(cfg: Config, scratch: Path) -> dict[str, Any]:
+    """After build_run (it installs the storage retry policy): a shard read from an address
+    where nothing listens, retried until the policy gives up; the tries it made."""
+    import logging
+    import socket
+
+    from nitro_dist.data.shards import BadData, DataError, read_shard
+
+    build(cfg)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]  # nothing listens here once the socket closes
+    retries: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: retries.append(record.getMessage())  # type: ignore[method-assign]
+    log = logging.getLogger("nitro_dist.storage")
+    log.addHandler(handler)
+    try:
+        with pytest.raises(DataError) as got:
+            list(read_shard(f"http://127.0.0.1:{port}/s-000000.tar", BadData()))
+    finally:
+        log.removeHandler(handler)
+    return {"attempts": len(retries) + 1, "raised": str(got.value).split(":")[0]}
+
+
 PROBES: dict[str, tuple[str, dict[str, Any], Callable[[Config, Path], dict[str, Any]]]] = {
     # name: (preset, keys set in every config the probe sees, probe)
     # 6 heads; no EMA (a copy of G per build): optim.ema_decay is probed by a step
@@ -731,6 +761,7 @@ PROBES: dict[str, tuple[str, dict[str, Any], Callable[[Config, Path], dict[str, 
     "fault": ("tiny", {}, probe_fault),
     "tune": ("tiny", {"train.iterations": 1000}, probe_tune),
     "logger": ("tiny", {}, probe_logger),
+    "storage": ("tiny", {"pool.levels": [0], "pool.candidates": 1}, probe_storage),
 }
 
 
@@ -897,6 +928,7 @@ DETERMINISM = [
     ("fault", {"distributed.num_workers": 2, "distributed.fail_at_iteration": 1}),
     ("tune", {}),
     ("logger", WANDB),
+    ("storage", {}),
 ]
 
 

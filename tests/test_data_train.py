@@ -84,6 +84,7 @@ def test_train_from_s3_pairs_two_workers_no_duplicates_and_resume(pairs, tmp_pat
         "train.eval_every=0",
         "train.sample_every=0",
         "train.eval_images=20",
+        "train.grid_per_prompt=1",  # final grids: one image per prompt
         "logging.wandb=false",
     ]
     first = launch(load_config("digits", [*common, "train.iterations=4"]))

@@ -7,7 +7,9 @@ works in headless Chromium."""
 import base64
 import io
 import json
+import os
 import shutil
+import socket
 import time
 import urllib.error
 import urllib.request
@@ -27,6 +29,17 @@ from nitro_dist.image_api import Job, encode_png, run_jobs
 from nitro_dist.inference import Generator
 
 serve = pytest.importorskip("ray.serve")
+
+# the "s3" app runs with the serving limits on (tests/test_serve_limits.py has them without Ray)
+KEY_ENV, KEY = "NITRO_SERVE_TEST_KEY", "serve-test-key-0123"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+GUARDED = {
+    "api_key_env": KEY_ENV,
+    "max_request_pixels": 512,  # 8 images at the native 8x8, 2 at 16x16
+    "fault_oom_pixels": 255,  # calls over 255 pixels run out of memory: one 16x16 image does
+    "max_body_bytes": 4096,
+    "body_timeout_s": 2,
+}
 
 
 @pytest.fixture(scope="module")
@@ -50,17 +63,20 @@ def base_url(run_dir, cluster):  # the session's Ray, with the module's S3 bucke
         serve.run(
             app({"checkpoint": str(run_dir), **common, **busy}), name="busy", route_prefix="/busy"
         )
+        os.environ[KEY_ENV] = KEY  # read by the app builder, only its digest goes on
         # two models in one app (Serve multiplexing): the S3 copy first (the default), the run
         two = {"models": f"served=s3://nitro-test/served,digits={run_dir}", **common}
-        serve.run(app(two), name="s3", route_prefix="/s3")
+        serve.run(app({**two, **GUARDED}), name="s3", route_prefix="/s3")
         yield f"http://127.0.0.1:{port}"
     finally:
+        os.environ.pop(KEY_ENV, None)
         serve.shutdown()  # Ray itself stays up for the session's other tests
 
 
-def post(url: str, body, timeout: float = 60) -> tuple[int, Any, bytes]:
+def post(url: str, body, timeout: float = 60, headers=None) -> tuple[int, Any, bytes]:
     data = body if isinstance(body, bytes) else json.dumps(body).encode()
-    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    headers = {"Content-Type": "application/json", **(headers or {})}
+    req = urllib.request.Request(url, data=data, headers=headers)
     try:
         with urllib.request.urlopen(req, timeout=timeout) as r:
             return r.status, r.headers, r.read()
@@ -207,7 +223,7 @@ def test_overload_burst_gets_503_and_no_other_5xx(base_url):
 def test_checkpoint_in_s3_serves_the_same_images(base_url):
     req = {"prompt": PROMPTS[9], "steps": 2, "seed": 77}
     local = images_of(post(f"{base_url}/v1/images", req)[2])[0]
-    status, _, body = post(f"{base_url}/s3/v1/images", req)
+    status, _, body = post(f"{base_url}/s3/v1/images", req, headers=AUTH)
     assert status == 200 and images_of(body)[0] == local
 
 
@@ -222,7 +238,8 @@ def test_openai_client_gets_the_same_images_and_openai_errors(base_url, run_dir)
     (model,) = client.models.list().data
     assert model.id == run_dir.name and model.owned_by == "nitro_dist"  # the run folder's name
     assert client.models.retrieve(run_dir.name).id == run_dir.name
-    with urllib.request.urlopen(f"{base_url}/s3/v1/models", timeout=30) as r:
+    models = urllib.request.Request(f"{base_url}/s3/v1/models", headers=AUTH)
+    with urllib.request.urlopen(models, timeout=30) as r:
         ids = [m["id"] for m in json.loads(r.read())["data"]]
         assert ids == ["served", "digits"]  # models=served=s3://.../served,digits=...
     raw = client.images.with_raw_response.generate(
@@ -267,6 +284,60 @@ def test_openai_client_gets_the_same_images_and_openai_errors(base_url, run_dir)
     assert status == 400 and json.loads(body)["error"]["message"].startswith("body: malformed")
 
 
+def get(url: str, headers=None) -> tuple[int, bytes]:
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, headers=headers or {})) as r:
+            return r.status, r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
+
+
+@pytest.mark.slow
+def test_limits_auth_and_out_of_memory_over_http(base_url):
+    """The "s3" app with the limits on: /healthz open and without internals, /docs off, the API
+    key, an oversized body (413), a stalled client (408), the per-request pixel budget (422 /
+    OpenAI 400), and an out-of-memory (injected over 255 pixels per call): a batch that does not
+    fit is split (200, same images), a request whose one image does not fit gets 503 +
+    Retry-After while the others get theirs, and the replica keeps serving."""
+    t0 = time.monotonic()
+    url = f"{base_url}/s3"
+    status, body = get(f"{url}/healthz")
+    health = json.loads(body)
+    assert status == 200 and set(health) == {"status", "model", "limits", "budgets"}, health
+    assert health["budgets"] == {"max_request_pixels": 512, "max_call_pixels": 1024}
+    for path in ("/docs", "/openapi.json"):
+        assert get(url + path, AUTH)[0] == 404, path
+    req = {"prompt": PROMPTS[2], "seed": 5, "num_images": 8}
+    status, headers, body = post(f"{url}/v1/images", req)
+    assert status == 401 and json.loads(body)["field"] == "authorization"
+    assert post(f"{url}/v1/images", req, headers={"Authorization": "Bearer x"})[0] == 401
+    status, _, body = post(f"{url}/v1/images", {"prompt": "x" * 5000}, headers=AUTH)
+    assert status == 413 and json.loads(body)["field"] == "body"
+    head = f"POST /s3/v1/images HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\n"
+    with socket.create_connection(("127.0.0.1", int(base_url.rsplit(":", 1)[1])), 20) as s:
+        s.sendall((head + 'Content-Length: 200\r\n\r\n{"prompt": ').encode())  # then stalls
+        assert s.recv(65536).startswith(b"HTTP/1.1 408")
+    big = {"prompt": PROMPTS[2], "num_images": 3, "height": 16, "width": 16}
+    status, _, body = post(f"{url}/v1/images", big, headers=AUTH)
+    assert status == 422 and json.loads(body)["error"].startswith("num_images: 3 image(s)")
+    openai_big = {"prompt": PROMPTS[2], "n": 3, "size": "16x16"}
+    status, _, body = post(f"{url}/v1/images/generations", openai_big, headers=AUTH)
+    assert status == 400 and json.loads(body)["error"]["param"] == "n"
+    # 8 images of 8x8 = 512 pixels: out of memory, halved to 2 per call; the same images
+    status, headers, body = post(f"{url}/v1/images", req, headers=AUTH)
+    assert status == 200 and headers["X-Batch-Images"] == "2"
+    assert images_of(body) == images_of(post(f"{base_url}/v1/images", req)[2])
+    # concurrent: whichever way Serve batches them, only the 16x16 request gets 503
+    one_big = {"prompt": PROMPTS[4], "seed": 1, "height": 16, "width": 16}
+    reqs = [{"prompt": PROMPTS[d], "seed": d, "num_images": 2} for d in range(4)] + [one_big]
+    with ThreadPoolExecutor(5) as pool:
+        out = list(pool.map(lambda r: post(f"{url}/v1/images", r, headers=AUTH), reqs))
+    assert [s for s, _, _ in out] == [200, 200, 200, 200, 503], [s for s, _, _ in out]
+    assert out[4][1]["Retry-After"] == "5" and b"out of memory" in out[4][2]
+    assert post(f"{url}/v1/images", reqs[0], headers=AUTH)[0] == 200  # still serving
+    print(f"limits over HTTP: {time.monotonic() - t0:.1f} s")
+
+
 def test_app_arguments_are_checked_before_anything_starts(tmp_path, monkeypatch):
     from pydantic import ValidationError
 
@@ -279,6 +350,9 @@ def test_app_arguments_are_checked_before_anything_starts(tmp_path, monkeypatch)
         app({"replicas": "many"})
     with pytest.raises(ValueError, match="no checkpoint found at /nonexistent"):
         app({"checkpoint": "/nonexistent"})
+    monkeypatch.delenv("NITRO_NO_SUCH_KEY", raising=False)
+    with pytest.raises(ValueError, match="api_key_env: the environment variable NITRO_NO_SUCH_KEY"):
+        app({"checkpoint": "/nonexistent", "api_key_env": "NITRO_NO_SUCH_KEY"})
     monkeypatch.chdir(tmp_path)  # no runs/digits here
     with pytest.raises(ValueError, match="python -m nitro_dist.train"):
         app({})
@@ -316,7 +390,7 @@ def test_web_page_makes_an_image_in_headless_chromium(base_url):
         browser.set_page_load_timeout(60)
         browser.get(base_url + "/")
         wait = WebDriverWait(browser, 60)
-        wait.until(lambda b: "checkpoint" in b.find_element(By.ID, "model").text)
+        wait.until(lambda b: " px" in b.find_element(By.ID, "model").text)
         browser.find_element(By.ID, "prompt").send_keys(PROMPTS[3])
         Select(browser.find_element(By.ID, "steps")).select_by_value("2")
         num = browser.find_element(By.ID, "num_images")
@@ -433,18 +507,18 @@ def test_several_models_in_one_app_and_live_over_serve(base_url, run_dir):
     S3 and on disk) are listed and served by ``model``, an unknown one is a 422 listing them;
     the WebSocket of the main app ends a burst of prompts with the last prompt's image, the one
     /v1/images gives."""
+    from websockets.exceptions import InvalidStatus
     from websockets.sync.client import connect
 
     with urllib.request.urlopen(f"{base_url}/s3/healthz", timeout=30) as r:
         health = json.loads(r.read())
     assert health["status"] == "ok" and health["models"] == ["served", "digits"]
-    assert health["checkpoint"].startswith("s3://nitro-test/served")  # the default model's
     req = {"prompt": PROMPTS[2], "seed": 9}
     want = images_of(post(f"{base_url}/v1/images", req)[2])
     for model in ("served", "digits"):
-        status, _, body = post(f"{base_url}/s3/v1/images", {**req, "model": model})
+        status, _, body = post(f"{base_url}/s3/v1/images", {**req, "model": model}, headers=AUTH)
         assert status == 200 and images_of(body) == want
-    status, _, body = post(f"{base_url}/s3/v1/images", {**req, "model": "sdxl"})
+    status, _, body = post(f"{base_url}/s3/v1/images", {**req, "model": "sdxl"}, headers=AUTH)
     assert status == 422 and "served, digits" in json.loads(body)["error"]
     prompt = PROMPTS[2]
     with connect(base_url.replace("http", "ws") + "/v1/live", open_timeout=30) as ws:
@@ -455,6 +529,12 @@ def test_several_models_in_one_app_and_live_over_serve(base_url, run_dir):
             got.append(json.loads(ws.recv(timeout=60)))
     assert got[-1]["prompt"] == prompt and base64.b64decode(got[-1]["image"]) == want[0]
     assert got[-1]["dropped"] == len(prompt) - len(got)
+    # the API key guards the socket too: no key, no handshake (the HTTP guard sees only HTTP)
+    with pytest.raises(InvalidStatus):
+        connect(base_url.replace("http", "ws") + "/s3/v1/live", open_timeout=30)
+    with connect(base_url.replace("http", "ws") + "/s3/v1/live", additional_headers=AUTH) as ws:
+        ws.send(json.dumps({"id": 1, "prompt": prompt, "seed": 9, "model": "digits"}))
+        assert base64.b64decode(json.loads(ws.recv(timeout=60))["image"]) == want[0]
 
 
 @pytest.mark.slow

@@ -57,6 +57,7 @@ def test_small_sweep_runs_resumes_and_writes_results(cluster, tmp_path):
         "train.eval_every=2",
         "train.eval_images=50",
         "train.sample_every=0",
+        "train.grid_per_prompt=1",
         "train.checkpoint_every=2",
         "train.batch_size=16",
         "teacher.offline_pairs=64",

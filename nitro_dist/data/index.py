@@ -83,6 +83,8 @@ def count_shard(url: str, size: int) -> dict[str, Any]:
                 suffixes.add(got[1])
                 members[got[1]] += 1
     except (tarfile.TarError, OSError, EOFError, ValueError) as e:
+        if stream.error is not None:  # the storage kept failing: not a damaged shard
+            return {"url": url, "error": stream.error}
         # the reader drops the sample at the damage point (it may be cut)
         damaged, started = f"{type(e).__name__}: {e}", max(0, started - 1)
     return {

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from nitro_dist import rng
+from nitro_dist import retry, rng
 from nitro_dist.data.index import stat_shards
 from nitro_dist.data.prompts import CaptionKey
 from nitro_dist.data.shards import (
@@ -97,12 +97,14 @@ class _EpochStream(IterableDataset):
     ) -> None:
         self.urls, self.seed, self.epoch, self.rank, self.buffer = urls, seed, epoch, rank, buffer
         self.caption = caption
+        self.policy = retry.current()  # for loader workers started without fork
 
     def __iter__(self) -> Iterator[tuple | BadData]:
         """Chunks of CHUNK samples (one message between processes per chunk, not per sample),
         and each shard's skip counts."""
         info = get_worker_info()
         wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
+        retry.configure(self.policy)
         r = random.Random(f"{self.seed}/{self.epoch}/{self.rank}/{wid}")
         bad = BadData()
         pool: list[Sample] = []

@@ -8,8 +8,10 @@ JSON field, e.g. ``txt`` or ``json:caption`` for img2dataset shards); optional `
 given as a brace pattern, counted once from its tar headers and cached (``data/index.py``).
 
 Reading distinguishes storage trouble from bad data: a shard that cannot be opened (missing,
-storage unreachable) is retried a few times and then raises ``DataError`` naming the URL; a
-corrupt or truncated shard and undecodable samples are skipped and counted (``BadData``).
+storage unreachable, a read broken by a dropped connection, 5xx or throttling) is retried with
+backoff (``nitro_dist.retry``, ``storage.*``; a read resumes at its byte offset, so the samples are
+the same as without the fault) and then raises ``DataError`` naming the URL; only a shard whose
+bytes are bad (corrupt or truncated) and undecodable samples are skipped and counted (``BadData``).
 """
 
 from __future__ import annotations
@@ -182,14 +184,16 @@ def decode(raw: dict, shard: str, bad: BadData, caption: CaptionKey = PROMPT_TXT
 
 
 def raw_samples(url: str, bad: BadData) -> Iterator[dict]:
-    """One shard's samples as member suffix -> bytes. Storage errors raise ``DataError``; a
-    corrupt or truncated tar is read up to the damage (the sample cut there is dropped) and
-    counted (``index.count_shard`` counts exactly these)."""
+    """One shard's samples as member suffix -> bytes. Storage errors (retried first, a broken
+    read resumes at its offset) raise ``DataError`` naming the URL; a corrupt or truncated tar
+    is read up to the damage (the sample cut there is dropped) and counted
+    (``index.count_shard`` counts exactly these)."""
     stream = open_with_retries(url)
     damaged: list[Exception] = []
 
     def on_error(exn: Exception) -> bool:
-        damaged.append(exn)
+        if stream.error is None:  # else: the storage failed, not the data (raised below)
+            damaged.append(exn)
         return False  # stop reading this shard
 
     held = None  # a sample is yielded once the next begins: the one at a damage point is cut
@@ -200,9 +204,12 @@ def raw_samples(url: str, bad: BadData) -> Iterator[dict]:
                 yield held
             held = raw
     except (tarfile.TarError, OSError, EOFError) as e:
-        damaged.append(e)
+        if stream.error is None:
+            damaged.append(e)
     finally:
         stream.close()
+    if stream.error is not None:  # reads kept failing after retries: an error, not bad data
+        raise DataError(stream.error)
     if held is not None and not damaged:
         yield held
     if damaged:

@@ -12,6 +12,7 @@ last reported checkpoint.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 import os
@@ -142,9 +143,11 @@ def check_data(cfg: Config, *, index_only: bool = False) -> ShardList:
     on stops here, before any worker starts); returns the ``ShardList`` the workers use. An
     index of a brace pattern that cannot be written beside the shards goes to
     ``<storage_path>/shard_indexes/``. ``index_only``: just the list (Tune trials)."""
+    from nitro_dist import retry
     from nitro_dist.data.loader import check_dataset
     from nitro_dist.data.shards import list_shards
 
+    retry.configure(retry.from_config(cfg.storage))  # the driver indexes and reads shards too
     d, w = cfg.data, cfg.distributed.num_workers
     index_dir = f"{resolve_storage(cfg.distributed.storage_path)}/shard_indexes"
     if index_only:
@@ -248,9 +251,13 @@ class RaySession:
     def _fetch(self, name: str) -> None:
         import fsspec
 
-        fs, path = fsspec.core.url_to_fs(f"{self.remote_dir}/{name}")
-        if fs.exists(path):
-            fs.get_file(path, str(self.run_dir / name))
+        from nitro_dist import retry
+        from nitro_dist.remote import get_file
+
+        url = f"{self.remote_dir}/{name}"
+        fs, path = fsspec.core.url_to_fs(url)
+        if retry.call(lambda: fs.exists(path), f"list {url}"):
+            get_file(url, self.run_dir / name)
 
     # -- set-up -----------------------------------------------------------------------------
 
@@ -280,13 +287,21 @@ class RaySession:
             if fs is None:  # not one of ours: all of it
                 found.to_directory(str(folder))
             else:
-                src = self._verified_remote(fs, found.path, parts)
+                from nitro_dist import retry
+
+                src = retry.call(
+                    lambda: self._verified_remote(fs, found.path, parts), f"resume {found.path}"
+                )
                 for part in [*parts, layout.RANKS, layout.TRAINER_STATE]:
-                    if fs.isdir(f"{src}/{part}"):
-                        fs.get(f"{src}/{part}", str(folder / part), recursive=True)
-                    elif fs.exists(f"{src}/{part}"):
-                        (folder / part).parent.mkdir(parents=True, exist_ok=True)
-                        fs.get_file(f"{src}/{part}", str(folder / part))
+                    where = f"{src}/{part}"
+                    names: list[str] = retry.call(
+                        functools.partial(fs.find, where, withdirs=False), f"list {where}"
+                    )
+                    for name in names:  # file by file: a retry repeats one file
+                        dest = folder / name[len(src) + 1 :]
+                        dest.parent.mkdir(parents=True, exist_ok=True)
+                        get = functools.partial(fs.get_file, name, str(dest))
+                        retry.call(get, f"download {name}")
             yield folder
         finally:
             shutil.rmtree(folder, ignore_errors=True)
@@ -357,7 +372,13 @@ class RaySession:
         prefix = f"nitro-ckpt-r{self.rank}-"
         layout.clean_stale(tmp_root, prefix)  # parts a killed worker of this host left
         folder = Path(tempfile.mkdtemp(prefix=prefix, suffix=f"-{os.getpid()}", dir=tmp_root))
-        ckpt.write_checkpoint(run.checkpoint_parts(), folder)
+        try:
+            if self.cfg.distributed.disk_full_at_iteration == it:
+                ckpt.inject_disk_full(folder)
+            ckpt.write_checkpoint(run.checkpoint_parts(), folder)
+        except Exception as e:
+            ckpt.failed_write(folder, None, e)  # a full disk: DiskFullError; Ray keeps the last
+            raise
         ray.train.report(
             _scalars(metrics),
             checkpoint=ray.train.Checkpoint.from_directory(str(folder)),
@@ -381,13 +402,9 @@ class RaySession:
         """Upload rank 0's run files (metrics, samples) when the run lives in remote storage."""
         if self.rank != 0 or not is_remote(self.remote_dir):
             return
-        import fsspec
+        from nitro_dist.remote import sync_dir
 
-        fs, path = fsspec.core.url_to_fs(self.remote_dir)
-        for f in self.run_dir.rglob("*"):
-            if f.is_file() and self._uploaded.get(f) != f.stat().st_mtime:
-                fs.put_file(str(f), f"{path}/{f.relative_to(self.run_dir).as_posix()}")
-                self._uploaded[f] = f.stat().st_mtime
+        sync_dir(self.run_dir, self.remote_dir, self._uploaded)  # each upload retried
 
     def close(self) -> None:
         if is_remote(self.remote_dir):
