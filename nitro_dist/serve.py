@@ -347,7 +347,7 @@ class Ingress:
                 {"status": "unavailable"}, status_code=503, headers={"Retry-After": "5"}
             )
         self._info[self.model_name] = info
-        public = {k: info[k] for k in ("limits", "budgets", "fast_path")}
+        public = {k: info[k] for k in ("limits", "budgets")}
         extra = {"models": self.model_names, "live": self.live.__dict__}
         return JSONResponse({"status": "ok", "model": self.model_name, **public, **extra})
 

@@ -303,7 +303,8 @@ def test_limits_auth_and_out_of_memory_over_http(base_url):
     url = f"{base_url}/s3"
     status, body = get(f"{url}/healthz")
     health = json.loads(body)
-    assert status == 200 and set(health) == {"status", "model", "limits", "budgets"}, health
+    public = {"status", "model", "models", "limits", "budgets", "live"}  # live: counts only
+    assert status == 200 and set(health) == public, health
     assert health["budgets"] == {"max_request_pixels": 512, "max_call_pixels": 1024}
     for path in ("/docs", "/openapi.json"):
         assert get(url + path, AUTH)[0] == 404, path
