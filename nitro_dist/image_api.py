@@ -8,7 +8,7 @@ import io
 import json
 import re
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Annotated, Literal
 
@@ -35,6 +35,9 @@ class Limits:
     max_side: int
     max_tokens: int
     channels: int
+    # (height, width) pairs: when given, the only sizes served (a replica on the fast path
+    # serves the sizes it warmed); empty: every size the sides allow
+    sizes: tuple[tuple[int, int], ...] = ()
 
     @classmethod
     def of(cls, gen: Generator) -> Limits:
@@ -58,6 +61,15 @@ class Limits:
             )
         return value
 
+    def check_size(self, height: int, width: int) -> None:
+        """Refuse a (height, width) outside ``sizes`` (when the replica serves a fixed set)."""
+        if self.sizes and (height, width) not in {tuple(s) for s in self.sizes}:
+            served = ", ".join(f"{w}x{h}" for h, w in self.sizes)
+            raise ValueError(
+                f"size: {width}x{height} (width x height) is not served here; this server serves "
+                f"{served}"
+            )
+
 
 StrictInt = Annotated[int, Field(strict=True)]
 
@@ -80,6 +92,7 @@ class ImageRequest(BaseModel):
     height: StrictInt | None = None
     width: StrictInt | None = None
     format: Literal["json", "png"] = "json"
+    model: str | None = None  # one of the served models; None: the first (GET /v1/models)
 
     @field_validator("prompt")
     @classmethod
@@ -97,6 +110,7 @@ class Job:
     num_images: int
     height: int
     width: int
+    model: str = ""  # the served model's name; "": the first
 
     def key(self) -> tuple[int, int, int]:
         return (self.steps, self.height, self.width)
@@ -285,15 +299,25 @@ def parse_size(size: str | None, limits: Limits) -> tuple[int, int]:
     try:
         width = limits.check_side("width", int(m[1]))
         height = limits.check_side("height", int(m[2]))
+        limits.check_size(height, width)
     except ValueError as e:
         raise OpenAIError(400, f"size: {size!r}: {e}", "size") from None
     return height, width
 
 
-def openai_job(body: bytes, limits: Limits, model_name: str, random_seed: int) -> Job:
+def openai_job(
+    body: bytes, limits: Limits, model_names: str | Sequence[str], random_seed: int
+) -> Job:
     """A ``POST /v1/images/generations`` body -> the Job ``/v1/images`` would run for the same
     prompt, steps, seed, count and size; ``random_seed`` is used when the body has no seed.
     Raises OpenAIError (400 naming the parameter, 404 ``model_not_found``)."""
+    req = openai_request(body, model_names)
+    return openai_job_of(req, limits, random_seed)
+
+
+def openai_request(body: bytes, model_names: str | Sequence[str]) -> OpenAIImageRequest:
+    """The body parsed and checked (its ``model`` one of ``model_names``), before the model's
+    limits are known. Raises OpenAIError as ``openai_job``."""
     try:
         raw = json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -304,14 +328,19 @@ def openai_job(body: bytes, limits: Limits, model_name: str, random_seed: int) -
         req = OpenAIImageRequest.model_validate(raw)
     except ValidationError as e:
         raise _pydantic_error(e.errors()[0]) from None
-    if req.model is not None and req.model != model_name:
-        raise unknown_model(req.model, model_name)
+    if req.model is not None and req.model not in _names(model_names):
+        raise unknown_model(req.model, model_names)
+    return req
+
+
+def openai_job_of(req: OpenAIImageRequest, limits: Limits, random_seed: int) -> Job:
+    """The Job for a checked request, its size within the model's ``limits``."""
     height, width = parse_size(req.size, limits)
     n = req.n if req.n is not None else 1
     seed = req.seed if req.seed is not None else random_seed
     if seed + n - 1 > SEED_MAX:
         raise OpenAIError(400, f"seed: seed + n - 1 must be <= {SEED_MAX}", "seed")
-    return Job(req.prompt, req.steps, seed, n, height, width)
+    return Job(req.prompt, req.steps, seed, n, height, width, model=req.model or "")
 
 
 def openai_images_response(result: Result, job: Job, created: int) -> dict:
@@ -329,14 +358,18 @@ def model_card(name: str, created: int) -> dict:
     return {"id": name, "object": "model", "created": created, "owned_by": OWNER}
 
 
-def models_list(name: str, created: int) -> dict:
-    return {"object": "list", "data": [model_card(name, created)]}
+def _names(names: str | Sequence[str]) -> list[str]:
+    return [names] if isinstance(names, str) else list(names)
 
 
-def unknown_model(model: str, name: str) -> OpenAIError:
+def models_list(names: str | Sequence[str], created: int) -> dict:
+    return {"object": "list", "data": [model_card(n, created) for n in _names(names)]}
+
+
+def unknown_model(model: str, names: str | Sequence[str]) -> OpenAIError:
     return OpenAIError(
         404,
-        f"model: {model!r} does not exist here; this server serves: {name}",
+        f"model: {model!r} does not exist here; this server serves: {', '.join(_names(names))}",
         "model",
         code="model_not_found",
     )

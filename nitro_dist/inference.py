@@ -77,6 +77,11 @@ class Generator:
         # pixels per latent cell, and the latent multiple the UNet's downsampling needs
         self.vae_factor = 1 if vae is None else 2 ** (len(vae.config.block_out_channels) - 1)
         self.size_multiple = self.vae_factor * 2 ** (len(self.unet.config.block_out_channels) - 1)
+        # the fast path (nitro_dist.fast_path): accelerated UNet / decode calls, and the batch
+        # sizes a model call is padded to so compiled code and CUDA graphs see known shapes
+        self.fast_unet: Callable[..., Any] | None = None
+        self.fast_decode: Callable[[torch.Tensor], torch.Tensor] | None = None
+        self.batch_buckets: tuple[int, ...] = ()  # ascending; () = each batch as it comes
 
     @property
     def native_size(self) -> int:
@@ -136,9 +141,16 @@ class Generator:
             self.unet.train(was_training)
         return torch.cat(out) if out else torch.empty(0)
 
+    def bucket(self, n: int) -> int:
+        """The batch a model call of ``n`` images runs at: the smallest bucket that holds it."""
+        return next((b for b in self.batch_buckets if b >= n), n)
+
     def _generate(
         self, prompts: list[str], seeds: list[int], steps: int, size_hw: tuple[int, int] | None
     ) -> torch.Tensor:
+        n = len(prompts)
+        pad = self.bucket(n) - n  # repeats of the last sample: per-sample noise, others unchanged
+        prompts, seeds = prompts + prompts[-1:] * pad, seeds + seeds[-1:] * pad
         c = self.sample_shape[0]
         h, w = size_hw or (self.native_size, self.native_size)
         if h % self.size_multiple or w % self.size_multiple:
@@ -150,15 +162,17 @@ class Generator:
         cond = self.text.encode(prompts, (h, w)).to(self.device, self.dtype)
         x_T = seeded_noise(seeds, shape).to(self.device, self.dtype)
         x0 = self.denoiser.sample(
-            self.unet,
+            self.fast_unet or self.unet,
             x_T,
             cond,
             steps,
             noise_fn=lambda k: seeded_noise(seeds, shape, step=k).to(self.device, self.dtype),
         )
-        if self.vae is not None:
+        if self.fast_decode is not None:
+            x0 = self.fast_decode(x0)
+        elif self.vae is not None:
             x0 = self.vae.decode(x0 / self.vae.config.scaling_factor).sample
-        return x0.float().clamp(-1, 1).cpu()
+        return x0[:n].float().clamp(-1, 1).cpu()
 
 
 def _text_and_vae(cfg: Config) -> tuple[TextConditioner, AutoencoderKL | None]:
@@ -235,11 +249,27 @@ class CudaGraphed:
         return static, graph, out
 
 
-def _accelerated(fn: Callable[..., Any], graphs: bool, compile: str | None) -> Callable[..., Any]:
-    """``fn`` compiled (a torch.compile mode) and/or replayed as CUDA graphs."""
+def _accelerated(
+    fn: Callable[..., Any], graphs: bool, compile: str | None, backend: str = "inductor"
+) -> Callable[..., Any]:
+    """``fn`` compiled (a torch.compile mode, with ``backend``: "inductor", or "aot_eager" /
+    "eager" to run the same tracing without code generation, as CPU tests do) and/or replayed
+    as CUDA graphs. Compiled per input shape (``dynamic=False``: serving pads batches to a few
+    known sizes and warms each), with room for many shapes and no sharing of that room with
+    other compiled functions of the process."""
     if compile is not None:
-        fn = torch.compile(fn, mode=compile)
+        fn = torch.compile(  # type: ignore[call-overload]  # the stubs lack recompile_limit
+            fn,
+            backend=backend,
+            mode=compile if backend == "inductor" else None,  # modes are inductor's
+            dynamic=False,
+            recompile_limit=COMPILED_SHAPES,
+            isolate_recompiles=True,
+        )
     return CudaGraphed(fn) if graphs else fn
+
+
+COMPILED_SHAPES = 256  # input shapes one compiled UNet / decoder may hold
 
 
 def _cast(dtype: torch.dtype) -> Callable[[Any], Any]:
@@ -250,7 +280,8 @@ class LowPrecisionUNet:
     """A UNet held in ``dtype`` called without autocast (as diffusers pipelines run): floating
     inputs are cast to ``dtype`` and the prediction comes back fp32, so the sampler's maths
     stays fp32. ``graphs``: replay CUDA graphs (``CudaGraphed``); ``compile``: a
-    ``torch.compile`` mode ("default", "reduce-overhead", ...). Same call as the UNet."""
+    ``torch.compile`` mode ("default", "reduce-overhead", ...) with ``backend``. Same call as
+    the UNet."""
 
     def __init__(
         self,
@@ -259,13 +290,14 @@ class LowPrecisionUNet:
         *,
         graphs: bool = False,
         compile: str | None = None,
+        backend: str = "inductor",
     ) -> None:
         self.dtype = dtype
 
         def predict(x: torch.Tensor, t: torch.Tensor, **kw: Any) -> torch.Tensor:
             return unet(x, t, **kw).sample
 
-        self.fn = _accelerated(predict, graphs, compile)
+        self.fn = _accelerated(predict, graphs, compile, backend)
         self.compiled = compile is not None
 
     @torch.no_grad()
@@ -280,14 +312,21 @@ class LowPrecisionDecoder:
     """``vae.decode(latents / scaling).sample`` in the VAE's dtype without autocast, optionally
     CUDA-graphed or compiled like ``LowPrecisionUNet``; returns fp32 pixels in [-1, 1]-ish."""
 
-    def __init__(self, vae: AutoencoderKL, *, graphs: bool = False, compile: str | None = None):
+    def __init__(
+        self,
+        vae: AutoencoderKL,
+        *,
+        graphs: bool = False,
+        compile: str | None = None,
+        backend: str = "inductor",
+    ):
         self.dtype = next(vae.parameters()).dtype
         scale = vae.config.scaling_factor
 
         def decode(z: torch.Tensor) -> torch.Tensor:
             return vae.decode(z / scale).sample
 
-        self.fn = _accelerated(decode, graphs, compile)
+        self.fn = _accelerated(decode, graphs, compile, backend)
         self.compiled = compile is not None
 
     @torch.no_grad()

@@ -6,9 +6,11 @@
 
 Endpoints: ``POST /v1/images`` (JSON in; JSON with base64 PNGs or ``image/png`` out),
 ``POST /v1/images/generations`` and ``GET /v1/models`` (OpenAI-compatible: the ``openai`` client
-works against this server), ``GET /healthz``, ``GET /`` (a page to try prompts). Two
-deployments: ``Generator`` (the model, one per GPU on a cluster, dynamic batching grouped by
-steps and size) and ``Ingress`` (HTTP, validation, backpressure answered with 503).
+works against this server), ``GET /healthz``, ``GET /`` (a page to try prompts, and to draw as
+you type over the ``/v1/live`` WebSocket). Two deployments: ``Generator`` (the models, one
+replica per GPU on a cluster, chosen per request by Serve's model multiplexing, dynamic batching
+grouped by steps and size, optionally compiled and warmed: ``fast_path``) and ``Ingress`` (HTTP,
+validation, backpressure answered with 503).
 """
 
 import asyncio
@@ -18,9 +20,9 @@ import time
 from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Request, WebSocket
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from pydantic import ConfigDict, Field
@@ -42,11 +44,13 @@ from nitro_dist.image_api import (
     model_name_of,
     models_list,
     openai_images_response,
-    openai_job,
+    openai_job_of,
+    openai_request,
     png_strip,
     result_headers,
     unknown_model,
 )
+from nitro_dist.live import LiveStats, authorized, live_session
 from nitro_dist.serve_limits import (
     HTTPLimits,
     LimitArgs,
@@ -55,8 +59,12 @@ from nitro_dist.serve_limits import (
     RequestGuard,
     install,
 )
+from nitro_dist.serve_limits import active as active_limits
+from nitro_dist.served_model import parse_models, parse_sizes
 
-DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+if TYPE_CHECKING:
+    from nitro_dist.fast_path import FastPath
+    from nitro_dist.served_model import ServedModel
 
 
 class AppArgs(LimitArgs):
@@ -88,6 +96,25 @@ class AppArgs(LimitArgs):
         default="",
         description="the model's name in the OpenAI-compatible API (GET /v1/models, the "
         "'model' parameter); default: the run folder's name",
+    )
+    # several models in one app, chosen per request by 'model' (Serve model multiplexing)
+    models: dict[str, str] | str = Field(
+        default="",
+        description="NAME=CHECKPOINT,NAME=CHECKPOINT (or a mapping): every model every replica "
+        "serves, the first the default; instead of checkpoint/model_name",
+    )
+    # the fast path: every (steps, size, batch bucket) is warmed before a replica is healthy
+    compile: Literal["off", "default", "reduce-overhead", "max-autotune"] = Field(
+        default="off", description="torch.compile mode of the UNet and VAE decode"
+    )
+    compile_backend: Literal["inductor", "aot_eager", "eager"] = Field(
+        default="inductor", description="torch.compile backend (aot_eager: no codegen, CPU tests)"
+    )
+    cuda_graphs: bool = Field(default=False, description="replay CUDA graphs (device=cuda)")
+    sizes: str = Field(
+        default="",
+        description="WIDTHxHEIGHT,... served (and warmed); default: any size the model allows, "
+        "or on the fast path (compile/cuda_graphs) the training size only",
     )
 
 
@@ -123,46 +150,68 @@ def resolve_checkpoint(spec: str) -> str:
 
 @serve.deployment(name="Generator")
 class GeneratorReplica:
-    """The model. ``generate`` is batched by Serve; one model call per (steps, size) group."""
+    """The models (``served_model.ServedModel``; Serve multiplexing picks the replica and the
+    model per request). ``generate`` is batched by Serve, batches split by model; one model call
+    per (steps, size) group. Every model is loaded (and on the fast path compiled and warmed)
+    before the replica reports healthy."""
 
-    def __init__(
+    async def __init__(  # type: ignore[misc]  # Serve awaits an async constructor
         self,
-        checkpoint: str,
+        models: dict[str, str],
         device: str,
         dtype: str,
         max_batch_size: int,
         batch_wait_ms: float,
         limit_args: LimitArgs,
+        use_ema: bool = True,
+        fast: dict | None = None,
+        sizes_hw: list[tuple[int, int]] | None = None,
     ) -> None:
-        import torch
+        from nitro_dist.fast_path import FastPath
 
-        from nitro_dist.inference import Generator
-        from nitro_dist.remote import local_checkpoint
-
-        self.device = device
-        self.dtype = dtype
-        self.checkpoint = checkpoint
-        self.gen = Generator.from_checkpoint(
-            local_checkpoint(checkpoint), device=device, dtype=getattr(torch, DTYPES[dtype])
-        )
-        self.limits = Limits.of(self.gen)
-        self.budget = PixelBudget.resolve(limit_args, self.limits)
+        self.models = models
+        self.default = next(iter(models))
+        self.limit_args = limit_args
+        self.load_args: dict[str, Any] = {
+            "device": device,
+            "dtype": dtype,
+            "use_ema": use_ema,
+            "fast": FastPath(**(fast or {})),
+            "sizes_hw": sizes_hw,
+            "max_images_per_call": max_batch_size * MAX_IMAGES,
+        }
         self.max_batch_size = max_batch_size
         self.generate.set_max_batch_size(max_batch_size)
         # Serve's batch queue waits out the timeout even when one request fills the batch:
         # with batching off, don't make every request pay it
         self.generate.set_batch_wait_timeout_s(batch_wait_ms / 1000 if max_batch_size > 1 else 0)
+        for name in models:  # healthy only when every model is loaded and warm
+            await self.get_model(name)
 
-    def info(self) -> dict[str, Any]:
+    @serve.multiplexed(max_num_models_per_replica=-1)  # every model on every replica
+    async def get_model(self, name: str) -> "ServedModel":
+        from nitro_dist.remote import local_checkpoint
+        from nitro_dist.served_model import load_model
+
+        local = local_checkpoint(self.models[name])
+        return await asyncio.to_thread(load_model, name, local, **self.load_args)
+
+    async def _model(self) -> "ServedModel":
+        return await self.get_model(serve.get_multiplexed_model_id() or self.default)
+
+    def _budget(self, m: "ServedModel") -> PixelBudget:
+        return PixelBudget.resolve(self.limit_args, m.limits)
+
+    async def info(self) -> dict[str, Any]:
+        m = await self._model()
+        budget = self._budget(m)
+        out = {**m.info(), "checkpoint": self.models[m.name]}  # as given (an s3:// URL, say)
         return {
-            "checkpoint": self.checkpoint,
-            "device": self.device,
-            "dtype": self.dtype,
+            **out,
             "max_batch_size": self.max_batch_size,
-            "limits": self.limits.__dict__,
             "budgets": {
-                "max_request_pixels": self.budget.max_request_pixels,
-                "max_call_pixels": self.budget.max_call_pixels,
+                "max_request_pixels": budget.max_request_pixels,
+                "max_call_pixels": budget.max_call_pixels,
             },
         }
 
@@ -170,9 +219,10 @@ class GeneratorReplica:
     async def generate(self, jobs: list[Job]) -> list[Result | OutOfMemory]:
         from nitro_dist.serve_limits import run_jobs_guarded
 
+        m = await self._model()  # one model per batch: Serve splits batches by model id
         # in a thread: the replica keeps answering health checks and queueing while it computes;
         # calls cut to the pixel budget; out of memory answers OutOfMemory for the jobs it hit
-        return await asyncio.to_thread(run_jobs_guarded, self.gen, jobs, self.budget)
+        return await asyncio.to_thread(run_jobs_guarded, m.gen, jobs, self._budget(m))
 
 
 api = FastAPI(title="nitro_dist", description="One-step text-to-image (NitroFusion)")
@@ -227,21 +277,44 @@ def _page() -> str:
 @serve.deployment(name="Ingress")
 @serve.ingress(api)
 class Ingress:
-    def __init__(self, generator: DeploymentHandle, model_name: str, http: HTTPLimits) -> None:
+    def __init__(
+        self, generator: DeploymentHandle, model_names: list[str], http: HTTPLimits
+    ) -> None:
         install(http)
         self.generator = generator
-        self.model_name = model_name
+        self.model_names = list(model_names)
+        self.model_name = self.model_names[0]  # the default model
         self.created = int(time.time())  # OpenAI's Model.created: when this app came up
-        self._info: dict | None = None
+        self._info: dict[str, dict] = {}
+        self.live = LiveStats()  # draw-as-you-type sessions of this ingress replica
 
-    async def _model_info(self) -> dict:
-        if self._info is None:
-            self._info = await self.generator.info.remote()
-        return self._info
+    def _handle(self, model: str) -> DeploymentHandle:
+        """The generator, routed by Serve's model multiplexing to a replica holding ``model``."""
+        return self.generator.options(multiplexed_model_id=model)
+
+    def _unknown(self, model: str | None) -> JSONResponse | None:
+        """422 naming the field and listing the served models, for a model not served here."""
+        if model is None or model in self.model_names:
+            return None
+        served = ", ".join(self.model_names)
+        return JSONResponse(
+            {
+                "error": f"model: {model!r} is not served here; known models: {served}",
+                "field": "model",
+                "models": self.model_names,
+            },
+            status_code=422,
+        )
+
+    async def _model_info(self, model: str | None = None) -> dict:
+        name = model or self.model_name
+        if name not in self._info:
+            self._info[name] = await self._handle(name).info.remote()
+        return self._info[name]
 
     async def _generate(self, job: Job) -> Result:
         try:
-            result = await self.generator.generate.remote(job)
+            result = await self._handle(job.model or self.model_name).generate.remote(job)
         except BackPressureError as e:
             raise Unavailable(f"server busy, retry shortly ({e})", "1") from e
         except RayActorError as e:  # also ActorDiedError, ActorUnavailableError
@@ -253,8 +326,8 @@ class Ingress:
             raise Unavailable(result.message, result.retry_after)
         return result
 
-    async def _budget(self) -> PixelBudget:
-        return PixelBudget(**(await self._model_info())["budgets"])
+    async def _budget(self, model: str | None = None) -> PixelBudget:
+        return PixelBudget(**(await self._model_info(model))["budgets"])
 
     @api.get("/", response_class=HTMLResponse)
     async def page(self) -> str:
@@ -265,7 +338,7 @@ class Ingress:
         """Live: asks a generator replica each time (the cached limits would outlive it). Says
         what a client may ask for, nothing of the internals (paths, devices, errors)."""
         try:
-            info = await asyncio.wait_for(self.generator.info.remote(), timeout=10)
+            info = await asyncio.wait_for(self._handle(self.model_name).info.remote(), timeout=10)
         except BackPressureError:
             return JSONResponse({"status": "busy"}, status_code=503, headers={"Retry-After": "1"})
         except Exception as e:  # not up yet, restarting, or gone: say so, don't crash
@@ -273,17 +346,22 @@ class Ingress:
             return JSONResponse(
                 {"status": "unavailable"}, status_code=503, headers={"Retry-After": "5"}
             )
-        self._info = info
+        self._info[self.model_name] = info
         public = {k: info[k] for k in ("limits", "budgets")}
-        return JSONResponse({"status": "ok", "model": self.model_name, **public})
+        extra = {"models": self.model_names, "live": self.live.__dict__}
+        return JSONResponse({"status": "ok", "model": self.model_name, **public, **extra})
 
     @api.post("/v1/images")
     async def images(self, req: ImageRequest) -> Response:
-        limits = Limits(**(await self._model_info())["limits"])
+        if (unknown := self._unknown(req.model)) is not None:
+            return unknown
+        limits = Limits(**(await self._model_info(req.model))["limits"])
         try:
             height = limits.check_side("height", req.height)
             width = limits.check_side("width", req.width)
-            (await self._budget()).check_request(req.num_images, height, width, "num_images")
+            limits.check_size(height, width)
+            budget = await self._budget(req.model)
+            budget.check_request(req.num_images, height, width, "num_images")
         except ValueError as e:
             field = str(e).split(":", 1)[0]
             return JSONResponse({"error": str(e), "field": field}, status_code=422)
@@ -293,7 +371,7 @@ class Ingress:
                 {"error": f"seed: seed + num_images - 1 must be <= {SEED_MAX}", "field": "seed"},
                 status_code=422,
             )
-        job = Job(req.prompt, req.steps, seed, req.num_images, height, width)
+        job = Job(req.prompt, req.steps, seed, req.num_images, height, width, req.model or "")
         try:
             result = await self._generate(job)
         except Unavailable as e:
@@ -319,16 +397,13 @@ class Ingress:
     async def openai_images(self, request: Request) -> JSONResponse:
         """OpenAI's images API over the same generator: the same seed gives the same image as
         ``/v1/images``; errors in OpenAI's shape (400 naming the parameter)."""
-        limits = Limits(**(await self._model_info())["limits"])
         try:
-            job = openai_job(
-                await request.body(),
-                limits,
-                self.model_name,
-                random.randint(0, SEED_MAX - MAX_IMAGES),
-            )
+            req = openai_request(await request.body(), self.model_names)
+            limits = Limits(**(await self._model_info(req.model))["limits"])
+            job = openai_job_of(req, limits, random.randint(0, SEED_MAX - MAX_IMAGES))
             try:
-                (await self._budget()).check_request(job.num_images, job.height, job.width, "n")
+                budget = await self._budget(req.model)
+                budget.check_request(job.num_images, job.height, job.width, "n")
             except ValueError as e:
                 raise OpenAIError(400, str(e), "n") from None
             result = await self._generate(job)
@@ -344,14 +419,33 @@ class Ingress:
 
     @api.get("/v1/models")
     async def openai_models(self) -> JSONResponse:
-        return JSONResponse(models_list(self.model_name, self.created))
+        return JSONResponse(models_list(self.model_names, self.created))
 
     @api.get("/v1/models/{model:path}")  # a name given with model_name may hold "/"
     async def openai_model(self, model: str) -> JSONResponse:
-        if model != self.model_name:
-            err = unknown_model(model, self.model_name)
+        if model not in self.model_names:
+            err = unknown_model(model, self.model_names)
             return JSONResponse(err.body(), status_code=err.status)
-        return JSONResponse(model_card(self.model_name, self.created))
+        return JSONResponse(model_card(model, self.created))
+
+    @api.websocket("/v1/live")
+    async def live_socket(self, websocket: WebSocket) -> None:
+        """Draw as you type: each message a prompt, the newest one of a client always wins."""
+        if not authorized(websocket.headers, active_limits().api_key_sha256):
+            await websocket.close(code=1008, reason="authorization: send 'Bearer KEY'")
+            return
+        await live_session(websocket, self._live_image, self.live)
+
+    async def _live_image(self, prompt: str, seed: int, steps: int, model: str | None) -> bytes:
+        """One image for the live page, through the same checks and generator as /v1/images."""
+        if model is not None and model not in self.model_names:
+            raise ValueError(f"model: {model!r} is not served; known models: {self.model_names}")
+        native = Limits(**(await self._model_info(model))["limits"]).native
+        job = Job(prompt, steps, seed, 1, native, native, model or "")
+        try:
+            return (await self._generate(job)).pngs[0]
+        except Unavailable as e:
+            raise ValueError(e.message) from e
 
 
 def _device(device: str) -> str:
@@ -370,10 +464,10 @@ def app(args: dict) -> serve.Application:
     """Application builder: ``serve run nitro_dist.serve:app key=value ...``."""
     a = args if isinstance(args, AppArgs) else AppArgs.model_validate(args)
     http = HTTPLimits.of(a)  # the API key from api_key_env's variable, before anything starts
-    checkpoint = resolve_checkpoint(a.checkpoint)
-    model_name = a.model_name or model_name_of(checkpoint)
+    models = served_models(a)
     device = _device(a.device)
     dtype = a.dtype if a.dtype != "auto" else ("bf16" if device == "cuda" else "fp32")
+    fast = fast_path_of(a, device)
     actor = {"num_gpus": 1, "num_cpus": 1} if device == "cuda" else {"num_cpus": a.num_cpus}
     scale: dict[str, Any] = {"num_replicas": a.replicas}
     if a.replicas == "auto":
@@ -390,15 +484,53 @@ def app(args: dict) -> serve.Application:
         max_ongoing_requests=a.max_ongoing_requests,
         max_queued_requests=a.max_queued_requests,
         **scale,
-    ).bind(checkpoint, device, dtype, a.max_batch_size, a.batch_wait_ms, LimitArgs(**_limits(a)))
+    ).bind(
+        models,
+        device,
+        dtype,
+        a.max_batch_size,
+        a.batch_wait_ms,
+        LimitArgs(**_limits(a)),
+        a.use_ema,
+        fast.__dict__,
+        parse_sizes(a.sizes),
+    )
     # the ingress holds no model: a sliver of CPU, and room for everything the generators hold
     ingress_cap = a.max_ongoing_requests * (a.max_replicas if a.replicas == "auto" else a.replicas)
     return Ingress.options(  # type: ignore[attr-defined]  # a Deployment, as above
         ray_actor_options={"num_cpus": 0.1},
         max_ongoing_requests=ingress_cap + a.max_queued_requests,
         max_queued_requests=a.max_queued_requests,
-    ).bind(generator, model_name, http)
+    ).bind(generator, list(models), http)
 
 
 def _limits(a: AppArgs) -> dict[str, Any]:
     return a.model_dump(include=set(LimitArgs.model_fields))
+
+
+def served_models(a: AppArgs) -> dict[str, str]:
+    """{name: checkpoint} the app serves: ``models``, or the one ``checkpoint``/``model_name``."""
+    if not a.models:
+        checkpoint = resolve_checkpoint(a.checkpoint)
+        return {a.model_name or model_name_of(checkpoint): checkpoint}
+    if a.checkpoint or a.model_name:
+        raise ValueError(
+            "models: give either models=NAME=CHECKPOINT,... or checkpoint= (and model_name=), "
+            "not both"
+        )
+    out = {}
+    for name, spec in parse_models(a.models).items():
+        try:
+            out[name] = resolve_checkpoint(spec)
+        except ValueError as e:
+            raise ValueError(f"models: {name}: {e}") from None
+    return out
+
+
+def fast_path_of(a: AppArgs, device: str) -> "FastPath":
+    from nitro_dist.fast_path import FastPath
+
+    if a.cuda_graphs and device != "cuda":
+        raise ValueError(f"cuda_graphs: CUDA graphs need device=cuda (the device is {device})")
+    compile = None if a.compile == "off" else a.compile
+    return FastPath(compile=compile, backend=a.compile_backend, cuda_graphs=a.cuda_graphs)

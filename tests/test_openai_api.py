@@ -52,7 +52,7 @@ def test_a_request_becomes_the_job_v1_images_would_run():
         "seed": 3,
     }
     # /v1/images {"prompt", "steps": 2, "seed": 3, "num_images": 2, "height": 16, "width": 8}
-    assert job_of(body) == Job(PROMPT, 2, 3, 2, 16, 8)
+    assert job_of(body) == Job(PROMPT, 2, 3, 2, 16, 8, model=NAME)  # the model it names
     # defaults: the served model, 1 step, 1 image at the training size, the random seed given
     assert job_of({"prompt": PROMPT}, random_seed=41) == Job(PROMPT, 1, 41, 1, 8, 8)
     for size in ("auto", None):

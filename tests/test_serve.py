@@ -64,11 +64,9 @@ def base_url(run_dir, cluster):  # the session's Ray, with the module's S3 bucke
             app({"checkpoint": str(run_dir), **common, **busy}), name="busy", route_prefix="/busy"
         )
         os.environ[KEY_ENV] = KEY  # read by the app builder, only its digest goes on
-        serve.run(
-            app({"checkpoint": "s3://nitro-test/served", **common, **GUARDED}),
-            name="s3",
-            route_prefix="/s3",
-        )
+        # two models in one app (Serve multiplexing): the S3 copy first (the default), the run
+        two = {"models": f"served=s3://nitro-test/served,digits={run_dir}", **common}
+        serve.run(app({**two, **GUARDED}), name="s3", route_prefix="/s3")
         yield f"http://127.0.0.1:{port}"
     finally:
         os.environ.pop(KEY_ENV, None)
@@ -242,7 +240,8 @@ def test_openai_client_gets_the_same_images_and_openai_errors(base_url, run_dir)
     assert client.models.retrieve(run_dir.name).id == run_dir.name
     models = urllib.request.Request(f"{base_url}/s3/v1/models", headers=AUTH)
     with urllib.request.urlopen(models, timeout=30) as r:
-        assert [m["id"] for m in json.loads(r.read())["data"]] == ["served"]  # s3://.../served
+        ids = [m["id"] for m in json.loads(r.read())["data"]]
+        assert ids == ["served", "digits"]  # models=served=s3://.../served,digits=...
     raw = client.images.with_raw_response.generate(
         model=model.id,
         prompt=PROMPTS[3],
@@ -304,7 +303,8 @@ def test_limits_auth_and_out_of_memory_over_http(base_url):
     url = f"{base_url}/s3"
     status, body = get(f"{url}/healthz")
     health = json.loads(body)
-    assert status == 200 and set(health) == {"status", "model", "limits", "budgets"}, health
+    public = {"status", "model", "models", "limits", "budgets", "live"}  # live: counts only
+    assert status == 200 and set(health) == public, health
     assert health["budgets"] == {"max_request_pixels": 512, "max_call_pixels": 1024}
     for path in ("/docs", "/openapi.json"):
         assert get(url + path, AUTH)[0] == 404, path
@@ -416,6 +416,126 @@ def test_web_page_makes_an_image_in_headless_chromium(base_url):
     assert pngs == same
     pred = DigitsEvaluator().alignment(torch.cat([decode(p) for p in pngs]), torch.tensor([3, 3]))
     assert pred >= 0.5  # one of the two at least: a 2-iteration checkpoint at 2 steps
+
+
+@pytest.fixture(scope="module")
+def local_url(run_dir):
+    """serve.py's routes (the Ingress handlers) under plain uvicorn on 127.0.0.1, over the
+    digits checkpoint loaded in this process: the browser tests need no Ray."""
+    import threading
+
+    import uvicorn
+
+    from nitro_dist import serve as serve_mod
+    from nitro_dist.local_app import local_api
+    from nitro_dist.served_model import load_model
+
+    model = load_model(
+        "digits", serve_mod.resolve_checkpoint(str(run_dir)), device="cpu", dtype="fp32"
+    )
+    port = free_port()
+    server = uvicorn.Server(
+        uvicorn.Config(
+            local_api({"digits": model}), host="127.0.0.1", port=port, log_level="warning"
+        )
+    )
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not server.started and time.monotonic() < deadline:
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+        serve_mod.api.dependency_overrides.clear()
+
+
+@pytest.mark.browser
+@pytest.mark.slow
+def test_draw_as_you_type_in_headless_chromium(local_url):
+    """Live mode: the prompt typed letter by letter (no debounce: a request per keystroke), the
+    image shown at the end is the API's for that prompt and seed, and the server dropped the
+    stale prompts that arrived while the model was busy. Then with the default debounce."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    def typed(b, prompt: str) -> bool:
+        shown = b.find_elements(By.CSS_SELECTOR, "img.live")
+        return bool(shown) and shown[0].get_attribute("data-prompt") == prompt
+
+    browser = _browser()
+    latency = {}
+    try:
+        browser.set_page_load_timeout(60)
+        wait = WebDriverWait(browser, 60)
+        for debounce, digit in ((0, 3), (None, 7)):
+            query = "?live=1" + (f"&debounce={debounce}" if debounce is not None else "")
+            browser.get(local_url + "/" + query)
+            wait.until(lambda b: b.find_elements(By.CSS_SELECTOR, "#model_select option"))
+            browser.find_element(By.ID, "seed").send_keys("5")
+            box = browser.find_element(By.ID, "prompt")
+            if debounce == 0:
+                box.send_keys(PROMPTS[digit])  # one key event per letter, as fast as it goes
+            else:
+                for ch in PROMPTS[digit]:  # a person typing: ~one letter per webdriver call
+                    box.send_keys(ch)
+            wait.until(lambda b, d=digit: typed(b, PROMPTS[d]))
+            src = browser.find_element(By.CSS_SELECTOR, "img.live").get_attribute("src")
+            status = browser.find_element(By.ID, "status")
+            latency[debounce] = int(status.get_attribute("data-latency-ms"))
+            png = base64.b64decode(src.split(",", 1)[1])
+            same = {"prompt": PROMPTS[digit], "steps": 1, "seed": 5}
+            assert png == images_of(post(f"{local_url}/v1/images", same)[2])[0]
+    finally:
+        browser.quit()
+    with urllib.request.urlopen(f"{local_url}/healthz", timeout=30) as r:
+        live = json.loads(r.read())["live"]
+    print(
+        f"keystroke-to-image: {latency[0]} ms (no debounce), {latency[None]} ms (100 ms "
+        f"debounce); live {live}"
+    )
+    typed_letters = len(PROMPTS[3]) + len(PROMPTS[7])
+    assert live["sessions"] == 2 and live["requests"] <= typed_letters
+    assert live["dropped"] >= 1  # stale prompts never reached the model
+    assert live["images"] + live["dropped"] == live["requests"]
+
+
+@pytest.mark.slow
+def test_several_models_in_one_app_and_live_over_serve(base_url, run_dir):
+    """Through Ray Serve: the s3 app's two models (Serve multiplexing: the run's checkpoint in
+    S3 and on disk) are listed and served by ``model``, an unknown one is a 422 listing them;
+    the WebSocket of the main app ends a burst of prompts with the last prompt's image, the one
+    /v1/images gives."""
+    from websockets.exceptions import InvalidStatus
+    from websockets.sync.client import connect
+
+    with urllib.request.urlopen(f"{base_url}/s3/healthz", timeout=30) as r:
+        health = json.loads(r.read())
+    assert health["status"] == "ok" and health["models"] == ["served", "digits"]
+    req = {"prompt": PROMPTS[2], "seed": 9}
+    want = images_of(post(f"{base_url}/v1/images", req)[2])
+    for model in ("served", "digits"):
+        status, _, body = post(f"{base_url}/s3/v1/images", {**req, "model": model}, headers=AUTH)
+        assert status == 200 and images_of(body) == want
+    status, _, body = post(f"{base_url}/s3/v1/images", {**req, "model": "sdxl"}, headers=AUTH)
+    assert status == 422 and "served, digits" in json.loads(body)["error"]
+    prompt = PROMPTS[2]
+    with connect(base_url.replace("http", "ws") + "/v1/live", open_timeout=30) as ws:
+        for i in range(1, len(prompt) + 1):
+            ws.send(json.dumps({"id": i, "prompt": prompt[:i], "seed": 9}))
+        got = [json.loads(ws.recv(timeout=60))]
+        while got[-1]["id"] != len(prompt):
+            got.append(json.loads(ws.recv(timeout=60)))
+    assert got[-1]["prompt"] == prompt and base64.b64decode(got[-1]["image"]) == want[0]
+    assert got[-1]["dropped"] == len(prompt) - len(got)
+    # the API key guards the socket too: no key, no handshake (the HTTP guard sees only HTTP)
+    with pytest.raises(InvalidStatus):
+        connect(base_url.replace("http", "ws") + "/s3/v1/live", open_timeout=30)
+    with connect(base_url.replace("http", "ws") + "/s3/v1/live", additional_headers=AUTH) as ws:
+        ws.send(json.dumps({"id": 1, "prompt": prompt, "seed": 9, "model": "digits"}))
+        assert base64.b64decode(json.loads(ws.recv(timeout=60))["image"]) == want[0]
 
 
 @pytest.mark.slow
