@@ -81,6 +81,7 @@ def short_digits_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("digits2")
     overrides = [
         "train.iterations=2",
+        "init.iterations=0",  # the teacher copy, as before: no one-step stage
         "train.eval_every=0",
         "train.sample_every=0",
         "train.checkpoint_every=0",
