@@ -46,13 +46,6 @@ def test_stage_fits_the_teacher_pairs_and_starts_the_ema_there(tiny_cfg):
     assert all(p.grad is None for p in after)
 
 
-def test_stage_needs_the_tasks_pairs(tiny_cfg):
-    with pytest.raises(ValueError, match="^init.iterations"):
-        tiny_cfg("init.iterations=5", "data.source=shards", "data.shards=/nowhere")
-    with pytest.raises(ValueError, match="^init.steps"):
-        tiny_cfg("init.steps=[5]")
-
-
 def test_clean_x0_is_the_last_steps_clean_estimate(tiny_models):
     """DDIM's last step from t to abar_prev: prev_sample = sqrt(abar_prev) x0 + sqrt(1-abar_prev)
     eps, and x0 (pred_original_sample) does not depend on abar_prev. So the clean estimate with
