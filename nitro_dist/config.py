@@ -84,6 +84,21 @@ class TeacherConfig:
     # offline mode: number of teacher pairs precomputed once per run (digits; shards later).
     offline_pairs: int = 4096
     batch_size: int = 256
+    # The sample's last step returns the scheduler's clean estimate (pred_original_sample) instead
+    # of its prev_sample, which keeps sqrt(1 - abar_prev) eps_hat of noise where the schedule's
+    # final abar is not 1 (DDIM with set_alpha_to_one false: ~0.03 eps at abar_0 = 0.99915).
+    clean_x0: bool = False
+
+
+@dataclass(kw_only=True)
+class InitConfig:
+    """The one-step starting stage (nitro_dist/init_stage.py): a fresh run first regresses G's
+    1-step output onto the teacher's x0 from the same x_T, then the GAN stage fine-tunes it."""
+
+    iterations: int = 0  # regression steps of train.batch_size; 0 = off (G starts as loaded)
+    lr: float = 1e-3  # AdamW, cosine decay to 0 over the stage
+    # refinement steps k (1-based, of the 4-step schedule) trained, drawn uniformly per sample
+    steps: list[int] = field(default_factory=lambda: [1])
 
 
 @dataclass(kw_only=True)
@@ -289,6 +304,7 @@ class Config:
     student: StudentConfig = field(default_factory=StudentConfig)
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    init: InitConfig = field(default_factory=InitConfig)
     refinement: RefinementConfig = field(default_factory=RefinementConfig)
     pool: PoolConfig = field(default_factory=PoolConfig)
     loss: LossConfig = field(default_factory=LossConfig)
@@ -546,6 +562,19 @@ def validate(cfg: Config) -> None:
     need(t.guidance_scale >= 0, "teacher.guidance_scale", "must be >= 0")
     need(t.offline_pairs >= 1, "teacher.offline_pairs", "must be >= 1")
     need(t.batch_size >= 1, "teacher.batch_size", "must be >= 1")
+    need(cfg.init.iterations >= 0, "init.iterations", "must be >= 0")
+    need(cfg.init.lr > 0, "init.lr", "must be > 0")
+    need(
+        len(cfg.init.steps) > 0 and all(1 <= k <= 4 for k in cfg.init.steps),
+        "init.steps",
+        "one or more refinement steps in 1..4",
+    )
+    need(
+        cfg.init.iterations == 0 or cfg.data.source == "task",
+        "init.iterations",
+        "the one-step stage trains on the task's teacher pairs (data.source=task); with shards, "
+        "start from a one-step model (model.student_path) instead",
+    )
     tr = cfg.train
     need(tr.iterations >= 0, "train.iterations", "must be >= 0")
     need(tr.batch_size >= 1, "train.batch_size", "must be >= 1")

@@ -152,6 +152,7 @@ class TeacherSampler:
             guidance_scale=teacher_cfg.guidance_scale,
             timesteps=teacher_cfg.timesteps,
             overrides=teacher_cfg.scheduler_overrides,
+            clean_x0=teacher_cfg.clean_x0,
         )
 
     def __init__(
@@ -163,6 +164,7 @@ class TeacherSampler:
         guidance_scale: float = 0.0,
         timesteps: list[int] | None = None,
         overrides: dict[str, Any] | None = None,
+        clean_x0: bool = False,
     ) -> None:
         cls: type[SchedulerMixin] | None = getattr(diffusers, scheduler, None)  # checked below
         if cls is None or not isinstance(cls, type) or not issubclass(cls, SchedulerMixin):
@@ -171,6 +173,7 @@ class TeacherSampler:
         self.num_steps = num_steps
         self.guidance_scale = guidance_scale
         self.timesteps = list(timesteps or [])
+        self.clean_x0 = clean_x0
 
     def unet_evals_per_sample(self) -> int:
         """UNet evaluations one sample costs (CFG doubles each: cond and uncond)."""
@@ -217,7 +220,11 @@ class TeacherSampler:
             step = sched.step(out, t, x, **kwargs)
             x = step.prev_sample
             denoised = getattr(step, "denoised", None)
-        # LCM returns the clean estimate of its last step as ``denoised``; others end at x0.
+            if self.clean_x0 and denoised is None:
+                denoised = getattr(step, "pred_original_sample", None)
+        # LCM returns the clean estimate of its last step as ``denoised``; others end at
+        # prev_sample (at abar_prev of their last step), or with ``clean_x0`` at their own
+        # clean estimate (DDIM, DDPM, Euler: ``pred_original_sample``).
         return denoised if denoised is not None else x
 
 

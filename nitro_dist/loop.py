@@ -24,6 +24,7 @@ from nitro_dist.build import Run, build_run
 from nitro_dist.config import Config, dump_yaml
 from nitro_dist.distributed.owners import owned_by, owner_map
 from nitro_dist.images import save_sample_grids
+from nitro_dist.init_stage import one_step_init
 from nitro_dist.run_log import MetricsLogger, progress_line, say
 from nitro_dist.step import train_step
 from nitro_dist.tasks import evaluate_steps
@@ -146,17 +147,28 @@ def train(
     )
     owned = owned_by(owner_map(run.layout, world), rank)  # the heads this rank will hold
     parts = ckpt.resume_parts(owned)
+    init_metrics: dict[str, float] = {}
     with session.restore(resume, parts) as path:
         if path is not None:  # verified, then G before DeepSpeed wraps it
             run.state = ckpt.load_weights(path, run.models.student, run.ema, parts)
             if run.loader is not None:
                 run.loader.seek(run.state.get("data_cursor"))
+        else:  # a fresh run: the one-step starting stage (init.iterations; every rank alike)
+            init_metrics = one_step_init(run)
+            if init_metrics and lead:
+                say(
+                    f"one-step init: {cfg.init.iterations} iterations, regression loss "
+                    f"{init_metrics['init_loss_start']:.4f} -> {init_metrics['init_loss_end']:.4f}"
+                    f" in {init_metrics['init_seconds']:.0f}s"
+                )
         session.parallelize(run)
         if path is not None:
             ckpt.load_states(path, run.g, run.pool.local)
             if lead:
                 say(f"resumed from {path} at iteration {run.state['iteration']}")
     logger = MetricsLogger(run_dir, cfg) if lead else None
+    if logger is not None:
+        logger.log(0, 0, init_metrics)  # nothing when the stage did not run
     tr = cfg.train
     if run.state["iteration"] == 0 and tr.sample_every:
         unet = run.sampling_unet

@@ -89,6 +89,7 @@ def short_digits_run(tmp_path_factory):
         if not (out / "final_metrics.json").exists():
             overrides = [
                 "train.iterations=2",
+                "init.iterations=0",  # the teacher copy, as before: no one-step stage
                 "train.eval_every=0",
                 "train.sample_every=0",
                 "train.checkpoint_every=0",

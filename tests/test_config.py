@@ -117,6 +117,14 @@ VALIDATE_CASES = {
         (["teacher.batch_size=0"], "teacher.batch_size"),
         (["teacher.mode=sometimes"], "teacher.mode"),
     ],
+    "init": [
+        (["init.iterations=-1"], "init.iterations"),
+        (["init.lr=0"], "init.lr"),
+        (["init.steps=[0]"], "init.steps"),
+        (["init.steps=[]"], "init.steps"),
+        (["init.iterations=5", "data.source=shards", "data.shards=x"], "init.iterations"),
+        (["teacher.clean_x0=maybe"], "teacher.clean_x0"),
+    ],
     "refinement": [
         (["refinement.enable_at=[0,1,2,3,4]"], "refinement.enable_at"),
         (["refinement.enable_at=[0,-1]"], "refinement.enable_at"),

@@ -149,6 +149,17 @@ KEYS: dict[str, Case] = {
     "teacher.timesteps": Case([999, 499], "run", "teacher_sampler"),
     "teacher.offline_pairs": Case(32, "run", "train_set"),
     "teacher.batch_size": Case(4, "run", "teacher_batches", OFFLINE),
+    # a DDIM teacher whose last step ends at abar_0 < 1 (LCM returns its clean x0 anyway)
+    "teacher.clean_x0": Case(
+        True,
+        "run",
+        "x0_offline",
+        {**OFFLINE, "teacher.scheduler": "DDIMScheduler", "teacher.timesteps": []},
+    ),
+    # init
+    "init.iterations": Case(2, "step", ("init", "student")),
+    "init.lr": Case(1e-2, "step", ("init", "student"), {"init.iterations": 2}),
+    "init.steps": Case([2], "step", ("init", "student"), {"init.iterations": 2}),
     # refinement
     "refinement.enable_at": Case([0, 1, 1, 1], "step", "student_batches"),
     # pool
@@ -499,15 +510,19 @@ def probe_run(cfg: Config, scratch: Path) -> dict[str, Any]:
 
 
 def probe_step(cfg: Config, scratch: Path) -> dict[str, Any]:
+    from nitro_dist.init_stage import one_step_init
     from nitro_dist.step import train_step
 
     run = build(cfg)
+    init = one_step_init(run)  # what loop.train runs first on a fresh run (init.iterations)
+    init.pop("init_seconds", None)
     g_norms, head_steps = [], []
     run.g.optimizer.register_step_pre_hook(lambda opt, *_: g_norms.append(grad_norm(opt)))
     run.pool.local.optimizer.register_step_pre_hook(lambda opt, *_: head_steps.append(1))
     with batch_sizes({"student": run.models.student}) as seen:
         metrics = train_step(run, 0)
     return {
+        "init": init,
         "metrics": metrics,
         "student_batches": seen["student"],
         "g_grad_norm_at_step": g_norms,  # what G's AdamW receives (after clipping)

@@ -69,6 +69,7 @@ def test_train_from_s3_pairs_two_workers_no_duplicates_and_resume(pairs, tmp_pat
 
     audit = tmp_path / "audit"
     common = [
+        "init.iterations=0",  # the one-step stage trains on the task's pairs, not on shards
         "data.source=shards",
         f"data.shards={PAIRS}",
         "data.num_workers=1",

@@ -104,6 +104,7 @@ def test_ray_job_submit_trains_the_digits_task(head, tmp_path):
     env, readme_script = head
     short_run = [
         "train.iterations=3",
+        "init.iterations=0",  # the job's path, without the one-step stage's minute
         "train.log_every=1",
         "train.checkpoint_every=2",
         "train.eval_every=0",

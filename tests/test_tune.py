@@ -54,6 +54,7 @@ def test_small_sweep_runs_resumes_and_writes_results(cluster, tmp_path):
         "--config",
         "digits",
         "train.iterations=4",
+        "init.iterations=0",  # the sweep's path, without the one-step stage's minute
         "train.eval_every=2",
         "train.eval_images=50",
         "train.sample_every=0",

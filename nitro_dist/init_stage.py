@@ -1,0 +1,98 @@
+"""The one-step starting stage: paired regression of G's one-step output onto the teacher's x0.
+
+NitroFusion's GAN stage fine-tunes a model that is *already* a one-step generator (DMD2-1step,
+Hyper-SDXL-1step: DESIGN.md §2 "Student"). A task whose only model is the multi-step teacher
+(digits) has no such model, so a fresh run first makes one: ``init.iterations`` steps of
+
+    L(θ) = E_k ‖ G_θ(x_{t_k}, t_k) − x0_teacher(x_T, c) ‖²,   k ~ U(init.steps)
+
+where G_θ(x_{t_1}=x_T, t_1) is exactly the student's 1-step sample (the shifted-LCM step at
+t = 999 that training and serving use) and x0_teacher is the teacher's sample from the *same* x_T
+and prompt (the run's teacher pairs): knowledge distillation of the teacher's deterministic
+noise -> image map (Luhman & Luhman 2021), the same paired regression DMD2 adds to its loss. For
+k > 1 the input is built as the GAN stage builds it (``step.backward_simulation``: the student's
+own earlier steps, re-noised to t_k), so the 2-4 step samples stay trained too. The GAN stage
+then starts from that model; the EMA starts from it too.
+
+Batches are the run's own (``step.make_batch``) drawn for the whole global batch on every rank, so
+every rank computes the same weights with no communication. AdamW (betas 0.9/0.999, no weight
+decay, the run's gradient clip) with a cosine decay to zero; the optimizer is dropped afterwards:
+G's GAN optimizer starts fresh. A resumed run skips the stage (its G comes from the checkpoint).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import TYPE_CHECKING
+
+import torch
+
+from nitro_dist import rng
+from nitro_dist.step import IterationNoise, autocast, backward_simulation, make_batch
+
+if TYPE_CHECKING:
+    from nitro_dist.build import Run
+
+# the stage's batches come from a stream of its own: iteration i of the stage draws the batch
+# the GAN stage would draw at iteration INIT_BATCH_OFFSET + i, never one of the GAN's own
+INIT_BATCH_OFFSET = 1 << 40
+
+
+def regression_loss(x0_fake: torch.Tensor, x0_real: torch.Tensor) -> torch.Tensor:
+    """Mean squared error over pixels and samples: E ‖x0_fake − x0_real‖² / (C·H·W)."""
+    return torch.mean((x0_fake - x0_real.to(x0_fake)) ** 2)
+
+
+def init_noise(seed: int, iteration: int, steps: list[int], x_T: torch.Tensor) -> IterationNoise:
+    """The stage's draws for one batch: step k per sample from ``steps`` and the backward
+    simulation's re-noising, from the (seed, iteration) stream (the same on every rank)."""
+    g = rng.keyed_generator(seed, iteration, rng.NOISE)
+    k_B = torch.tensor(steps)[torch.randint(len(steps), (x_T.shape[0],), generator=g)]
+    renoise = torch.randn((max(steps) - 1, *x_T.shape), generator=g).to(x_T)
+    return IterationNoise(k_B, renoise, torch.zeros_like(x_T))
+
+
+def one_step_init(run: Run) -> dict[str, float]:
+    """Train ``run``'s student in place for ``init.iterations`` regression steps (see module
+    doc); the EMA, when there is one, is set to the result. Returns the stage's metrics:
+    ``init_loss_start`` / ``init_loss_end`` (the mean of the first / last 10 steps' losses),
+    ``init_seconds``."""
+    cfg = run.cfg
+    n = cfg.init.iterations
+    student = run.models.student
+    if n == 0:
+        return {}
+    if run.train_set is None:  # validate() refuses it; an internal invariant here
+        raise ValueError("init.iterations needs data.source=task")
+    opt = torch.optim.AdamW(
+        student.parameters(), lr=cfg.init.lr, betas=(0.9, 0.999), weight_decay=0
+    )
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 0.5 * (1 + math.cos(math.pi * i / n)))
+    losses: list[float] = []
+    t0 = time.time()
+    student.train()
+    for i in range(n):
+        it = INIT_BATCH_OFFSET + i
+        batch = make_batch(run, it)  # the global batch, on every rank
+        noise = init_noise(cfg.seed, it, cfg.init.steps, batch.x_T)
+        with autocast(run):
+            x_t, t_B = backward_simulation(student, run.denoiser, batch, noise)
+            x0_fake = run.denoiser(student, x_t, t_B, batch.cond)
+            loss = regression_loss(x0_fake.float(), batch.x0_real)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.optim.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.optim.grad_clip)
+        opt.step()
+        sched.step()
+        losses.append(loss.item())
+    student.zero_grad(set_to_none=True)
+    if run.ema is not None:
+        run.ema.load_state_dict(student.state_dict())
+    k = min(10, n)
+    return {
+        "init_loss_start": sum(losses[:k]) / k,
+        "init_loss_end": sum(losses[-k:]) / k,
+        "init_seconds": time.time() - t0,
+    }
