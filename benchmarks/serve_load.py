@@ -1,11 +1,20 @@
-"""Load test of the Ray Serve app on loopback: latency percentiles and images/s for 1 vs 4 steps,
-Serve batching on vs off at a fixed concurrency, and Serve's overhead over calling the sampler
-directly (the same Generator + PNG encoding a replica runs, in this process, one thread).
+"""Load test of the Ray Serve app on loopback, side by side with the plain alternative a user
+would write instead: the same routes and model in one uvicorn process, no Ray, one model call at
+a time (``nitro_dist.local_app``: serve.py's Ingress handlers over an in-process model).
 
-  python benchmarks/serve_load.py [--checkpoint runs/digits] [--requests 160] [--concurrency 8]
+Per step count: p50/p99 latency at 1 client and images/s at 8 and 32 clients (``--clients``) for
+the plain server and for Serve with batching on and off; the replica's work called directly
+(Generator + PNG encoding in this process); and the hops of a Serve request taken apart at
+1 client: the Generator's handle called from this process (actor hop, no HTTP), then HTTP via
+Serve's proxy and the Ingress, then the batching wait.
 
-Bounded: every phase stops after --requests requests or --phase-timeout seconds. Without a
-checkpoint (no runs/digits yet) it makes a 2-iteration digits checkpoint in a temp folder first.
+  python benchmarks/serve_load.py [--checkpoint runs/digits] [--requests 160] [--clients 8,32]
+
+Both servers compute on one torch thread (a CPU replica gets 0.5 CPU = 1 thread; the plain
+server is started with OMP_NUM_THREADS=1), so the comparison is of the serving path, not of the
+thread count. Bounded: every phase stops after --requests requests or --phase-timeout seconds.
+Without a checkpoint (no runs/digits yet) it makes a 2-iteration digits checkpoint in a temp
+folder first.
 """
 
 from __future__ import annotations
@@ -16,16 +25,21 @@ import json
 import os
 import socket
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 PROMPTS = [f"a handwritten digit {w}" for w in "zero one two three four five six seven".split()]
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def pct(xs: list[float], q: float) -> float:
@@ -81,8 +95,74 @@ def direct(checkpoint: str, steps: int, n: int, batch: int) -> dict:
     return {**summary(lat, time.perf_counter() - t0, n), "mean_batch": float(batch)}
 
 
-def load(port: int, prefix: str, steps: int, n: int, conc: int, timeout: float) -> dict:
-    """``n`` requests from ``conc`` keep-alive clients; latency per request, images/s overall."""
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def plain_server(checkpoint: str, timeout: float = 180.0) -> Iterator[int]:
+    """The plain anchor: ``python -m nitro_dist.local_app`` (uvicorn, one process, no Ray, no
+    batching: one model call at a time) on a free loopback port, one torch thread; yields the
+    port once /healthz answers 200, stops the process after."""
+    port = free_port()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
+    cmd = [sys.executable, "-m", "nitro_dist.local_app", "--checkpoint", checkpoint]
+    log = tempfile.TemporaryFile()
+    proc = subprocess.Popen(
+        [*cmd, "--port", str(port)], cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=log
+    )
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            if proc.poll() is not None:
+                log.seek(0)
+                tail = log.read().decode(errors="replace")[-3000:]
+                raise RuntimeError(f"plain server exited with {proc.returncode}:\n{tail}")
+            try:
+                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+                conn.request("GET", "/healthz")
+                if conn.getresponse().status == 200:
+                    break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"plain server not healthy on port {port} after {timeout} s")
+            time.sleep(0.2)
+        yield port
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+
+
+def http_client(port: int, prefix: str, steps: int) -> Callable[[], Callable[[int], tuple]]:
+    """Per client thread: a keep-alive connection; each call POSTs /v1/images (1 image) and
+    answers (status, images in the model call that served it)."""
+
+    def make() -> Callable[[int], tuple]:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+
+        def one(i: int) -> tuple[int, int]:
+            body = json.dumps({"prompt": PROMPTS[i % 8], "steps": steps, "seed": i})
+            conn.request("POST", f"{prefix}/v1/images", body, {"Content-Type": "application/json"})
+            r = conn.getresponse()
+            r.read()
+            return r.status, int(r.getheader("X-Batch-Images", "1"))
+
+        return one
+
+    return make
+
+
+def load(make: Callable[[], Callable[[int], tuple]], n: int, conc: int, timeout: float) -> dict:
+    """``n`` requests from ``conc`` clients (``make()`` gives each its request function);
+    latency per request, images/s overall."""
     lat: list[float] = []
     batch: list[int] = []
     codes: dict[int, int] = {}
@@ -91,24 +171,20 @@ def load(port: int, prefix: str, steps: int, n: int, conc: int, timeout: float) 
     deadline = time.monotonic() + timeout
 
     def client() -> None:
-        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+        one = make()
         while time.monotonic() < deadline:
             with lock:
                 i = next(counter, None)
             if i is None:
                 break
-            body = json.dumps({"prompt": PROMPTS[i % 8], "steps": steps, "seed": i})
             t = time.perf_counter()
-            conn.request("POST", f"{prefix}/v1/images", body, {"Content-Type": "application/json"})
-            r = conn.getresponse()
-            r.read()
+            status, images = one(i)
             dt = time.perf_counter() - t
             with lock:
-                codes[r.status] = codes.get(r.status, 0) + 1
-                if r.status == 200:
+                codes[status] = codes.get(status, 0) + 1
+                if status == 200:
                     lat.append(dt)
-                    batch.append(int(r.getheader("X-Batch-Images", "1")))
-        conn.close()
+                    batch.append(images)
 
     t0 = time.perf_counter()
     with ThreadPoolExecutor(conc) as pool:
@@ -120,35 +196,67 @@ def load(port: int, prefix: str, steps: int, n: int, conc: int, timeout: float) 
     return out
 
 
+def handle_client(handle: Any, steps: int, size: int) -> Callable[[], Callable[[int], tuple]]:
+    """The Generator deployment's handle called from this process: Serve's actor hop and the
+    replica's batch queue, without HTTP, the proxy or the Ingress."""
+    from nitro_dist.image_api import Job
+
+    def make() -> Callable[[int], tuple]:
+        def one(i: int) -> tuple[int, int]:
+            job = Job(PROMPTS[i % 8], steps, i, 1, size, size)
+            return 200, handle.generate.remote(job).result().batch_images
+
+        return one
+
+    return make
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     ap.add_argument("--checkpoint", default=None)
     ap.add_argument("--requests", type=int, default=160)
-    ap.add_argument("--concurrency", type=int, default=8)
+    ap.add_argument("--clients", default="8,32", help="concurrent clients of the load phases")
+    ap.add_argument("--steps", default="1,4", help="sampling steps, comma-separated")
     ap.add_argument("--max-batch-size", type=int, default=8)
     ap.add_argument("--batch-wait-ms", type=float, default=5.0)
     ap.add_argument("--phase-timeout", type=float, default=120.0)
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/serve_load.md"))
     args = ap.parse_args()
+    clients = [int(c) for c in args.clients.split(",")]
+    steps_list = [int(c) for c in args.steps.split(",")]
     checkpoint = checkpoint_or_make(args.checkpoint)
+    load_before = os.getloadavg()
+
+    rows: list[tuple[str, dict]] = []
+    n, top = args.requests, max(clients)
+
+    def phase(name: str, res: dict) -> None:
+        rows.append((name, res))
+        print(name, res, flush=True)
+
+    for steps in steps_list:
+        phase(f"direct, {steps} step, 1 request per call", direct(checkpoint, steps, n, 1))
+        phase(
+            f"direct, {steps} step, {clients[0]} requests per call",
+            direct(checkpoint, steps, n, clients[0]),
+        )
+    with plain_server(checkpoint) as plain_port:
+        for steps in steps_list:
+            make = http_client(plain_port, "", steps)
+            load(make, 2 * top, top, args.phase_timeout)  # warm-up
+            for c in [1, *clients]:
+                phase(f"plain, {steps} step, {c} clients", load(make, n, c, args.phase_timeout))
 
     import ray
     from ray import serve
 
+    from nitro_dist.inference import Generator
     from nitro_dist.serve import app
 
-    rows: list[tuple[str, dict]] = []
-    n, conc = args.requests, args.concurrency
-    for steps in (1, 4):
-        rows.append((f"direct, {steps} step, 1 request per call", direct(checkpoint, steps, n, 1)))
-        rows.append(
-            (f"direct, {steps} step, {conc} requests per call", direct(checkpoint, steps, n, conc))
-        )
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    size = Generator.from_checkpoint(checkpoint).native_size
+    port = free_port()
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
@@ -160,26 +268,52 @@ def main() -> int:
                 name=name,
                 route_prefix=f"/{name}",
             )
-        for steps in (1, 4):
+        for steps in steps_list:
             for name in apps:
-                load(port, f"/{name}", steps, 2 * conc, conc, args.phase_timeout)  # warm-up
-                res = load(port, f"/{name}", steps, n, conc, args.phase_timeout)
-                rows.append((f"Serve, {steps} step, batching {name}, {conc} concurrent", res))
-                print(rows[-1], flush=True)
-            res = load(port, "/off", steps, n // 2, 1, args.phase_timeout)
-            rows.append((f"Serve, {steps} step, batching off, 1 client", res))
+                make = http_client(port, f"/{name}", steps)
+                load(make, 2 * top, top, args.phase_timeout)  # warm-up
+                for c in [1, *clients]:
+                    res = load(make, n, c, args.phase_timeout)
+                    phase(f"Serve, {steps} step, batching {name}, {c} clients", res)
+            handle = serve.get_deployment_handle("Generator", app_name="off")
+            make = handle_client(handle, steps, size)
+            load(make, 8, 1, args.phase_timeout)  # warm-up
+            res = load(make, n, 1, args.phase_timeout)
+            phase(f"Serve Generator handle (no HTTP), {steps} step, batching off, 1 client", res)
     finally:
         serve.shutdown()
         ray.shutdown()
 
+    text = report(rows, args, checkpoint, steps_list, clients, load_before)
+    print(text)
+    print(json.dumps(rows, indent=1), file=sys.stderr)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(text)
+    return 0
+
+
+def report(
+    rows: list[tuple[str, dict]],
+    args: argparse.Namespace,
+    checkpoint: str,
+    steps_list: list[int],
+    clients: list[int],
+    load_before: tuple[float, float, float],
+) -> str:
     by = dict(rows)
+    load_after = os.getloadavg()
     lines = [
-        f"# Serve load test (digits generator, CPU: {os.cpu_count()} cores, loopback)",
+        f"# Serve load test vs a plain uvicorn server (digits generator, CPU: {os.cpu_count()} "
+        "cores, loopback)",
         "",
-        f"checkpoint `{checkpoint}`; {n} requests per phase, 1 image each; Serve: one generator "
-        f"replica (0.5 CPU, 1 torch thread), max_batch_size {args.max_batch_size}, "
-        f"batch_wait_ms {args.batch_wait_ms}; direct: the replica's work (generate + PNG) in "
-        "this process, 1 thread.",
+        f"checkpoint `{checkpoint}`; {args.requests} requests per phase, 1 image each; "
+        "1-minute load average before/after the run "
+        f"{load_before[0]:.1f}/{load_after[0]:.1f} (other jobs share the machine). "
+        f"Serve: one generator replica (0.5 CPU, 1 torch thread), max_batch_size "
+        f"{args.max_batch_size}, batch_wait_ms {args.batch_wait_ms}, Ingress -> Generator. "
+        "plain: `python -m nitro_dist.local_app` (serve.py's routes under uvicorn, one process, "
+        "no Ray, one model call at a time, 1 torch thread). direct: the replica's work "
+        "(generate + PNG) in this process, 1 thread.",
         "",
         "| phase | p50 ms | p95 ms | p99 ms | images/s | images per model call |",
         "|---|---:|---:|---:|---:|---:|",
@@ -190,22 +324,35 @@ def main() -> int:
             f"{r['images_per_s']:.1f} | {r['mean_batch']:.1f} |"
         )
     lines.append("")
-    for steps in (1, 4):
-        on = by[f"Serve, {steps} step, batching on, {conc} concurrent"]["images_per_s"]
-        off = by[f"Serve, {steps} step, batching off, {conc} concurrent"]["images_per_s"]
-        serve1 = by[f"Serve, {steps} step, batching off, 1 client"]["p50_ms"]
-        d1 = by[f"direct, {steps} step, 1 request per call"]["p50_ms"]
+    for s in steps_list:
+        d1 = by[f"direct, {s} step, 1 request per call"]["p50_ms"]
+        plain1 = by[f"plain, {s} step, 1 clients"]
+        on1 = by[f"Serve, {s} step, batching on, 1 clients"]
+        off1 = by[f"Serve, {s} step, batching off, 1 clients"]
+        h1 = by[f"Serve Generator handle (no HTTP), {s} step, batching off, 1 client"]["p50_ms"]
+        for label, r in (("batching on", on1), ("batching off", off1)):
+            lines.append(
+                f"- {s} step, 1 client, Serve ({label}) vs plain: p50 {r['p50_ms']:.1f} vs "
+                f"{plain1['p50_ms']:.1f} ms = {r['p50_ms'] / plain1['p50_ms']:.2f}x, p99 "
+                f"{r['p99_ms']:.1f} vs {plain1['p99_ms']:.1f} ms = "
+                f"{r['p99_ms'] / plain1['p99_ms']:.2f}x (target <= 1.5x); added over the direct "
+                f"call ({d1:.1f} ms): {r['p50_ms'] - d1:.1f} vs {plain1['p50_ms'] - d1:.1f} ms"
+            )
+        for c in clients:
+            on = by[f"Serve, {s} step, batching on, {c} clients"]["images_per_s"]
+            p = by[f"plain, {s} step, {c} clients"]["images_per_s"]
+            lines.append(
+                f"- {s} step, {c} clients: Serve (batching on) {on:.1f} images/s vs plain "
+                f"{p:.1f} = {on / p:.2f}x (target > 1)"
+            )
         lines.append(
-            f"- {steps} step: batching on/off throughput at {conc} concurrent = "
-            f"{on / off:.2f}x; Serve p50 (1 client) {serve1:.1f} ms vs direct {d1:.1f} ms: "
-            f"overhead {serve1 - d1:.1f} ms = {100 * (serve1 / d1 - 1):.0f}% of the direct call"
+            f"- {s} step, where Serve's 1-client p50 goes: replica work (direct) {d1:.1f} ms; "
+            f"+ actor hop via the Generator handle {h1 - d1:.1f} ms; + HTTP, proxy and Ingress "
+            f"(and its handle call) {off1['p50_ms'] - h1:.1f} ms; + batching wait "
+            f"{on1['p50_ms'] - off1['p50_ms']:.1f} ms (batching on vs off); plain's HTTP + "
+            f"handlers: {plain1['p50_ms'] - d1:.1f} ms"
         )
-    text = "\n".join(lines) + "\n"
-    print(text)
-    print(json.dumps(rows, indent=1), file=sys.stderr)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text)
-    return 0
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":
