@@ -9,8 +9,9 @@ Endpoints: ``POST /v1/images`` (JSON in; JSON with base64 PNGs or ``image/png`` 
 works against this server), ``GET /healthz``, ``GET /`` (a page to try prompts, and to draw as
 you type over the ``/v1/live`` WebSocket). Two deployments: ``Generator`` (the models, one
 replica per GPU on a cluster, chosen per request by Serve's model multiplexing, dynamic batching
-grouped by steps and size, optionally compiled and warmed: ``fast_path``) and ``Ingress`` (HTTP,
-validation, backpressure answered with 503).
+formed when the model is free (``batch_queue.WhenFree``) and grouped by steps and size,
+optionally compiled and warmed: ``fast_path``) and ``Ingress`` (HTTP, validation, backpressure
+answered with 503).
 """
 
 import asyncio
@@ -31,6 +32,7 @@ from ray.exceptions import RayActorError
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
+from nitro_dist.batch_queue import WhenFree
 from nitro_dist.image_api import (
     MAX_IMAGES,
     SEED_MAX,
@@ -81,7 +83,13 @@ class AppArgs(LimitArgs):
     replicas: int | Literal["auto"] = Field(default=1, description="generator replicas or auto")
     max_replicas: int = Field(default=4, ge=1, description="upper bound when replicas=auto")
     max_batch_size: int = Field(default=8, ge=1, le=256, description="requests per model call")
-    batch_wait_ms: float = Field(default=10.0, ge=0, le=10_000)
+    batch_wait_ms: float = Field(
+        default=0.0,
+        ge=0,
+        le=10_000,
+        description="how long a batch that is not full waits for more requests when the model "
+        "is free (0: none; batches still form from the requests that arrive during a call)",
+    )
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         default="auto", description="auto: bf16 on cuda, fp32 on cpu"
@@ -151,9 +159,9 @@ def resolve_checkpoint(spec: str) -> str:
 @serve.deployment(name="Generator")
 class GeneratorReplica:
     """The models (``served_model.ServedModel``; Serve multiplexing picks the replica and the
-    model per request). ``generate`` is batched by Serve, batches split by model; one model call
-    per (steps, size) group. Every model is loaded (and on the fast path compiled and warmed)
-    before the replica reports healthy."""
+    model per request). ``generate`` is batched by ``WhenFree`` (a batch per model, taken when
+    the model is free); one model call per (steps, size) group. Every model is loaded (and on
+    the fast path compiled and warmed) before the replica reports healthy."""
 
     async def __init__(  # type: ignore[misc]  # Serve awaits an async constructor
         self,
@@ -181,10 +189,9 @@ class GeneratorReplica:
             "max_images_per_call": max_batch_size * MAX_IMAGES,
         }
         self.max_batch_size = max_batch_size
-        self.generate.set_max_batch_size(max_batch_size)
-        # Serve's batch queue waits out the timeout even when one request fills the batch:
-        # with batching off, don't make every request pay it
-        self.generate.set_batch_wait_timeout_s(batch_wait_ms / 1000 if max_batch_size > 1 else 0)
+        # batches formed when the model is free (not on Serve's batch timer): a lone request
+        # runs at once, under load a call takes what arrived during the last one
+        self.batches: WhenFree[Job] = WhenFree(self._run, max_batch_size, batch_wait_ms / 1000)
         for name in models:  # healthy only when every model is loaded and warm
             await self.get_model(name)
 
@@ -215,11 +222,14 @@ class GeneratorReplica:
             },
         }
 
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
-    async def generate(self, jobs: list[Job]) -> list[Result | OutOfMemory]:
+    async def generate(self, job: Job) -> Result | OutOfMemory:
+        return await self.batches.submit(serve.get_multiplexed_model_id() or self.default, job)
+
+    async def _run(self, name: str, jobs: list[Job]) -> list[Result | OutOfMemory]:
+        """One batch of one model's jobs (``WhenFree`` never mixes models)."""
         from nitro_dist.serve_limits import run_jobs_guarded
 
-        m = await self._model()  # one model per batch: Serve splits batches by model id
+        m = await self.get_model(name)
         # in a thread: the replica keeps answering health checks and queueing while it computes;
         # calls cut to the pixel budget; out of memory answers OutOfMemory for the jobs it hit
         return await asyncio.to_thread(run_jobs_guarded, m.gen, jobs, self._budget(m))
