@@ -251,7 +251,8 @@ def choose_batch(ph: Phase, run, it: int, b0: int, t_it: float) -> int:
 def measure(ph: Phase, run, it: int, iters: int, common: dict) -> dict:
     found = [r for r in ph.records("flops") if r["resolution"] == ph.args.resolution]
     flops = perf.IterationFlops.from_record(found[-1]) if found else None
-    m = perf.measure_training(run, it, iters, flops=flops)  # no flops yet: the report adds MFU
+    # no flops yet: the report adds MFU
+    m = perf.measure_training(run, it, iters, breakdown_iters=ph.args.breakdown_iters, flops=flops)
     mfu, hfu = m.utilisation(perf.peak_flops(ph.name))
     return ph.emit(
         "train",
@@ -323,7 +324,7 @@ def base_parser(doc: str | None) -> argparse.ArgumentParser:
     return ap
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = base_parser(__doc__)
     ap.add_argument("cmd", choices=["train", "flops"])
     ap.add_argument("--resolution", type=int, default=512)
@@ -335,8 +336,9 @@ def main() -> None:
     ap.add_argument("--settings", choices=sorted(SETTINGS), default="base")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--iters", type=int, default=20)
+    ap.add_argument("--breakdown-iters", type=int, default=2, help="under the phase timer")
     ap.add_argument("--profile", action="store_true", help="OUT/profile_TAG.txt: top kernels")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     ph = Phase.start(args)
     {"train": train, "flops": flops}[args.cmd](ph)
     print(f"{args.cmd} done in {time.time() - ph.t0:.1f}s", flush=True)

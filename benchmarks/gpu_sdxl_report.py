@@ -170,10 +170,10 @@ def report(rows: list[dict]) -> str:
     return "\n".join(out) + "\n"
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--out", type=Path, required=True)
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     path = args.out / "results.jsonl"
     rows = [json.loads(x) for x in path.read_text().splitlines() if x] if path.exists() else []
     text = report(rows)

@@ -11,9 +11,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-pytestmark = pytest.mark.slow  # each starts Python processes that import torch
+pytestmark = pytest.mark.slow  # tiny SDXL training and generation under DeepSpeed
 
 
 def run(args: list[str], timeout: int = 300) -> str:
@@ -30,81 +31,79 @@ def run(args: list[str], timeout: int = 300) -> str:
     return proc.stdout
 
 
-def test_gpu_benchmark_imports_nothing_the_gpu_machine_lacks():
-    """The GPU machine has torch/transformers but no ray, webdataset, s3fs or wandb (diffusers,
-    deepspeed and pydantic travel as wheels): the benchmark's import chain must not need them."""
-    code = (
-        "import sys; sys.path.insert(0, 'benchmarks')\n"
-        "import gpu_sdxl, gpu_sdxl_gen, gpu_sdxl_report, train_throughput\n"
-        "import deepspeed, nitro_dist.distributed.g_update, nitro_dist.perf\n"
-        "bad = {'ray', 'webdataset', 's3fs', 'wandb'} & {m.split('.')[0] for m in sys.modules}\n"
-        "print('IMPORTED', sorted(bad))\n"
-    )
-    assert "IMPORTED []" in run(["-c", code])
+@pytest.fixture(scope="module")
+def benchmarks():
+    """benchmarks/ importable in this process (gpu_sdxl_gen imports gpu_sdxl as a sibling)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.syspath_prepend(str(ROOT / "benchmarks"))
+        yield
 
 
-def test_train_throughput_prints_the_breakdown_offline_and_online(tmp_path):
-    out = run(
+# The train phase runs as gpu_sdxl.sh runs it, a process of its own (DeepSpeed, a process
+# group), which then lists what it imported: the benchmark modules' chain and the train phase's
+GPU_TRAIN = """
+import sys
+sys.path.insert(0, "benchmarks")
+import gpu_sdxl, gpu_sdxl_gen, gpu_sdxl_report, train_throughput
+import deepspeed, nitro_dist.distributed.g_update, nitro_dist.perf
+gpu_sdxl.main(sys.argv[1:])
+bad = {"ray", "webdataset", "s3fs", "wandb"} & {m.split(".")[0] for m in sys.modules}
+print("IMPORTED", sorted(bad))
+"""
+
+
+@pytest.fixture(scope="module")
+def gpu_smoke(benchmarks, tmp_path_factory):
+    """Every gpu_sdxl.sh phase with --smoke: flops, gen and report in this process, train in
+    its own. Returns the output folder and what the train process printed."""
+    import gpu_sdxl
+    import gpu_sdxl_gen
+
+    tmp = tmp_path_factory.mktemp("gpu_sdxl")
+    out = ["--out", str(tmp), "--smoke"]
+    gpu_sdxl.main(["flops", "--resolutions", "64", *out])
+    gpu_sdxl_gen.main(["--tag", "gen", *out])
+    train = run(
         [
-            "benchmarks/train_throughput.py",
-            "--config",
-            "tiny",
-            "--engine",
-            "torch",
-            "--iters",
-            "1",
-            "--breakdown-iters",
-            "1",
-            "--json",
-            str(tmp_path / "t.json"),
-        ]
-    )
-    assert "| | teacher offline | teacher online |" in out
-    for row in ("images/s per worker", "g_backward ms", "backbone ms", "heads_optimizer ms"):
-        assert f"| {row} |" in out, row
-    teacher_row = next(line for line in out.splitlines() if line.startswith("| teacher ms |"))
-    offline, online = (float(v) for v in teacher_row.strip("| ").split("|")[1:])
-    assert offline == 0.0 < online  # the online teacher samples inside the iteration
-    (rank0,) = json.loads((tmp_path / "t.json").read_text())
-    assert [r["mode"] for r in rank0] == ["offline", "online"]
-
-
-def test_train_throughput_rejects_a_bad_override():
-    proc = subprocess.run(
-        [sys.executable, "benchmarks/train_throughput.py", "--config", "tiny", "optim.fused=2"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert proc.returncode == 2 and "optim.fused" in proc.stderr
-
-
-def test_gpu_sdxl_smoke_runs_every_phase_and_reports(tmp_path):
-    out = ["--out", str(tmp_path), "--smoke"]
-    run(["benchmarks/gpu_sdxl.py", "flops", "--resolutions", "64", *out])
-    run(["benchmarks/gpu_sdxl_gen.py", "--tag", "gen", *out])
-    run(
-        [
-            "benchmarks/gpu_sdxl.py",
+            "-c",
+            GPU_TRAIN,
             "train",
             "--resolution",
             "64",
             "--batch",
             "2",
+            "--warmup",
+            "1",
             "--iters",
-            "2",
+            "1",
+            "--breakdown-iters",
+            "1",
             "--settings",
             "opt",
             "--then-batch",
             "auto",
             "--budget",
-            "600",
+            "3600",  # the larger batch is tried only with time left for it: a loaded CPU
             "--tag",
             "512_opt",
             *out,
         ]
     )
+    return tmp, train
+
+
+def test_gpu_benchmark_imports_nothing_the_gpu_machine_lacks(gpu_smoke):
+    """The GPU machine has torch/transformers but no ray, webdataset, s3fs or wandb (diffusers,
+    deepspeed and pydantic travel as wheels): neither the benchmark's import chain nor what its
+    train phase imports while it runs may need them."""
+    _, train = gpu_smoke
+    assert "IMPORTED []" in train
+
+
+def test_gpu_sdxl_smoke_runs_every_phase_and_reports(gpu_smoke, capsys):
+    import gpu_sdxl_report
+
+    tmp_path, _ = gpu_smoke
     rows = [json.loads(x) for x in (tmp_path / "results.jsonl").read_text().splitlines()]
     kinds = [r["phase"] for r in rows]
     assert "error" not in kinds, [r for r in rows if r["phase"] == "error"]
@@ -113,7 +112,60 @@ def test_gpu_sdxl_smoke_runs_every_phase_and_reports(tmp_path):
     assert [r["batch"] for r in train] == [2, 4]  # the fixed batch, then the chosen one
     assert train[0]["settings"]["optim.fused"] is True
     assert train[0]["model_tflop_per_iteration"] < train[0]["hardware_tflop_per_iteration"]
-    report = run(["benchmarks/gpu_sdxl_report.py", "--out", str(tmp_path)])
+    capsys.readouterr()
+    gpu_sdxl_report.main(["--out", str(tmp_path)])
+    report = capsys.readouterr().out
     assert "| 512_opt | 64 | 4 |" in report
     assert "eager_bf16 (gen)" in report and "AdamW step" in report
     assert (tmp_path / "gpu_sdxl.md").exists()
+
+
+def test_train_throughput_prints_the_breakdown_offline_and_online(
+    benchmarks, tmp_path, monkeypatch, capsys
+):
+    """In this process: train_throughput's one worker makes (and destroys) a one-rank gloo
+    group and sets the launcher's variables (put back afterwards)."""
+    import train_throughput
+
+    from nitro_dist.distributed.parallel import free_port
+
+    one_rank = {"MASTER_ADDR": "127.0.0.1", "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1"}
+    for k, v in {**one_rank, "MASTER_PORT": str(free_port())}.items():
+        monkeypatch.setenv(k, v)  # the values it sets, put back as they were afterwards
+    threads = torch.get_num_threads()
+    try:
+        status = train_throughput.main(
+            [
+                "--config",
+                "tiny",
+                "--engine",
+                "torch",
+                "--iters",
+                "1",
+                "--breakdown-iters",
+                "1",
+                "--json",
+                str(tmp_path / "t.json"),
+            ]
+        )
+    finally:
+        torch.set_num_threads(threads)
+    assert status == 0
+    out = capsys.readouterr().out
+    assert "| | teacher offline | teacher online |" in out
+    for row in ("images/s per worker", "g_backward ms", "backbone ms", "heads_optimizer ms"):
+        assert f"| {row} |" in out, row
+    teacher_row = next(line for line in out.splitlines() if line.startswith("| teacher ms |"))
+    offline, online = (float(v) for v in teacher_row.strip("| ").split("|")[1:])
+    assert offline == 0.0 < online  # the online teacher samples inside the iteration
+    (rank0,) = json.loads((tmp_path / "t.json").read_text())
+    assert [r["mode"] for r in rank0] == ["offline", "online"]
+    assert not torch.distributed.is_initialized()
+
+
+def test_train_throughput_rejects_a_bad_override(benchmarks, capsys):
+    """A bad override fails before anything is built (the exit status main returns)."""
+    import train_throughput
+
+    assert train_throughput.main(["--config", "tiny", "optim.fused=2"]) == 2
+    assert "optim.fused" in capsys.readouterr().err

@@ -112,6 +112,8 @@ def test_timer_names_the_phases_and_changes_nothing(tiny_cfg):
 SETTINGS = (  # every term of the count: teacher (online, CFG), checkpointing, accumulation, D steps
     "teacher.guidance_scale=3.0", "model.gradient_checkpointing=true", "train.grad_accum=2",
     "optim.d_steps_per_g_step=2",
+    # lighter than tiny's own: a 2-step teacher, 2 samples, 6 heads (the count's terms all stay)
+    "teacher.timesteps=[999,499]", "train.batch_size=2", "pool.levels=[0]",
 )  # fmt: skip
 
 
@@ -196,13 +198,23 @@ import torch
 from nitro_dist.config import load_config
 from nitro_dist.distributed.parallel import init_process_group, parallelize
 from nitro_dist.build import build_run
+from nitro_dist.models import tiny
+from nitro_dist.models.builders import build_sdxl_from_configs
 from nitro_dist.step import train_step
 
+# the tiny SDXL UNet at 2 levels (a DownBlock2D, a cross-attention block, 1 layer each): what
+# dynamo traces (3 graphs: grad and no-grad calls, then a dynamic batch) costs half as much
+SMALL_UNET = {**tiny.TINY_SDXL_UNET, "block_out_channels": [16, 32], "layers_per_block": 1,
+              "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D"],
+              "up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D"],
+              "transformer_layers_per_block": [1, 1], "attention_head_dim": [2, 4]}
 init_process_group(torch.device("cpu"))
-base = ["train.precision=bf16", "distributed.zero_stage=2", "logging.wandb=false"]
+base = ["train.precision=bf16", "distributed.zero_stage=2", "logging.wandb=false",
+        "train.batch_size=2", "teacher.timesteps=[999,499]", "pool.levels=[0]"]  # light
 for name, extra in (("eager", []), ("compiled", ["train.compile=true",
                                                   "train.compile_backend=eager"])):
-    run = build_run(load_config("tiny", base + extra), progress=False)
+    models = build_sdxl_from_configs(SMALL_UNET, tiny.TINY_SDXL_TEXT_ENCODERS, None)
+    run = build_run(load_config("tiny", base + extra), progress=False, models=models)
     parallelize(run, 0, 1)
     before = [p.detach().clone() for p in run.g.student.parameters()]
     torch._dynamo.utils.counters.clear()
@@ -223,7 +235,8 @@ def test_bf16_and_compile_under_deepspeed_keep_fp32_weights_and_train():
     inputs stayed fp32, which failed on the first H100 run ("mat1 and mat2 must have the same
     dtype"); autocast runs on the CPU too, so this checks that path here. The same run with
     train.compile (dynamo graph capture; the backend "eager" skips code generation, which on
-    this CPU takes minutes) traces graphs and trains alike."""
+    this CPU takes minutes) traces graphs and trains alike. One process, a one-rank gloo
+    group; a 2-level tiny SDXL UNet (the property does not depend on the depth)."""
     import subprocess
     import sys
 

@@ -317,13 +317,23 @@ import torch
 from nitro_dist.build import build_run
 from nitro_dist.config import load_config
 from nitro_dist.distributed.parallel import init_process_group, parallelize
+from nitro_dist.models import tiny
+from nitro_dist.models.builders import build_sdxl_from_configs
 from nitro_dist.step import train_step
 
+# the tiny SDXL UNet at 2 levels, 1 layer each: ZeRO-3 gathers and releases every parameter
+# of every call, and fewer tensors cost less (the guarded step does not depend on the depth)
+SMALL_UNET = {**tiny.TINY_SDXL_UNET, "block_out_channels": [16, 32], "layers_per_block": 1,
+              "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D"],
+              "up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D"],
+              "transformer_layers_per_block": [1, 1], "attention_head_dim": [2, 4]}
 init_process_group(torch.device("cpu"))
 for stage in (0, 2, 3):
     overrides = [f"distributed.zero_stage={stage}", "train.batch_size=2", "pool.refresh_rate=0",
-                 "distributed.nan_at_iterations=[1]"]
-    run = build_run(load_config("tiny", overrides), progress=False)
+                 "distributed.nan_at_iterations=[1]", "teacher.timesteps=[999,499]",
+                 "pool.levels=[0]"]
+    models = build_sdxl_from_configs(SMALL_UNET, tiny.TINY_SDXL_TEXT_ENCODERS, None)
+    run = build_run(load_config("tiny", overrides), progress=False, models=models)
     parallelize(run, 0, 1)
     train_step(run, 0)
     before = [p.detach().clone() for p in run.g.full_module().parameters()]
