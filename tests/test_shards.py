@@ -156,8 +156,13 @@ def test_storage_errors_name_the_url(tmp_path):
 def test_unreachable_storage_is_retried_then_named():
     import socket
 
+    import gc
+
     from nitro_dist import retry
 
+    # loaders an earlier test dropped mid-epoch: collecting them joins their DataLoader workers
+    # (up to 5 s each), which must not happen inside the timed retries below
+    gc.collect()
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]  # nothing listens here once the socket closes
