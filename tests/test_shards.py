@@ -154,9 +154,8 @@ def test_storage_errors_name_the_url(tmp_path):
 
 
 def test_unreachable_storage_is_retried_then_named():
-    import socket
-
     import gc
+    import socket
 
     from nitro_dist import retry
 
