@@ -48,9 +48,12 @@ FAULTS = {  # iteration of each injected fault, for a run of n iterations
 def start_s3() -> tuple[object, object]:
     """moto's S3 server and the fault proxy in front of it; AWS_* point every process started
     from here on (Ray's nodes and workers) at the proxy."""
+    import logging
+
     from fault_proxy import FaultProxy
     from moto.server import ThreadedMotoServer
 
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # moto's line per request
     srv = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
     srv.start()
     host, port = srv.get_host_and_port()
