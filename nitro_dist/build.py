@@ -79,6 +79,7 @@ class Run:
     task: Task
     rank: int = 0
     world_size: int = 1
+    node: str = ""  # the Ray node this rank runs on (a Ray Train worker; "" elsewhere)
     ema: torch.nn.Module | None = None
     loader: ShardLoader | None = None  # data.source=shards
     state: dict[str, Any] = field(default_factory=lambda: {"iteration": 0, "images_seen": 0})
@@ -123,6 +124,7 @@ class Run:
             config_yaml=dump_yaml(self.cfg),
             rank=self.rank,
             world_size=self.world_size,
+            node=self.node,
         )
 
 

@@ -164,6 +164,7 @@ class Parts:
     config_yaml: str
     rank: int = 0
     world_size: int = 1
+    node: str = ""  # the Ray node id of this rank ("" outside Ray)
 
 
 def write_checkpoint(parts: Parts, folder: Path) -> None:
@@ -225,6 +226,7 @@ def _write_checkpoint(parts: Parts, folder: Path) -> None:
             "heads": list(parts.pool.owned),
             "pool_params": sum(p.numel() for p in parts.pool.heads.parameters()),
             "pool_numel": parts.pool.numel(),  # parameters + AdamW state this rank held
+            "node": parts.node,
         },
     )
 

@@ -179,7 +179,8 @@ class DataConfig:
     num_workers: int = 2  # loader processes per rank (0: read in the training process)
     shuffle_buffer: int = 1000  # samples per loader worker's shuffle buffer (1: no shuffle)
     # Audit: each rank appends "<epoch> <iteration> <sample key>" for every sample it trains on
-    # to <audit_dir>/rank_<r>.txt (a local folder); empty = off.
+    # to <audit_dir>/rank_<r>.txt (a local folder); empty = off. With data.source=task the key is
+    # task-<index of the training prompt> and the epoch 0 (each iteration draws its own batch).
     audit_dir: str = ""
 
 
@@ -224,11 +225,20 @@ class TrainConfig:
 class DistributedConfig:
     """How ``python -m nitro_dist.train`` runs on Ray Train (DeepSpeed ZeRO for G)."""
 
-    num_workers: int = 1
+    # Ranks: a number, or [min, max] for elastic training (Ray Train V2): the run starts with as
+    # many workers as the cluster has room for (up to max) and, after a worker or node is lost,
+    # continues from the last checkpoint on the workers that remain (at least min), with the
+    # same global batch (train.batch_size is split over the ranks there are). The pool and the
+    # data of data.source=task do not depend on the number of ranks; shard data
+    # (data.source=shards) continues at the start of the next epoch after a resize.
+    num_workers: int | list[int] = 1
     use_gpu: bool = False
     cpus_per_worker: float = 1.0  # fractional is fine (2-core machines)
     gpus_per_worker: float = 1.0  # only with use_gpu
     resources_per_worker: dict[str, Any] = field(default_factory=dict)  # custom Ray resources
+    # How Ray places the workers (Ray's placement group strategies): PACK fills a node first;
+    # SPREAD puts them on different nodes where it can (a lost node then takes fewer ranks).
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
     zero_stage: int = 0  # DeepSpeed ZeRO stage 0-3 for the generator
     # Where checkpoints, metrics and samples go: a local folder (relative to the launching
     # directory; must be shared by the nodes of a multi-node cluster) or s3://bucket/prefix.
@@ -238,12 +248,29 @@ class DistributedConfig:
     # reaches this iteration, once per run. -1 = off. Env NITRO_FAIL_AT=iteration[:rank] also works.
     fail_at_iteration: int = -1
     fail_rank: int = 0
+    # Fault injection (testing node loss): the worker of rank ``fail_rank`` stops its node's
+    # raylet (SIGTERM, as ``ray stop`` on that machine or a preempted instance) at this iteration,
+    # once per run: the node leaves the cluster with every process on it. Refused on the head
+    # node. -1 = off.
+    node_loss_at_iteration: int = -1
     # Fault injection (testing the numeric guard): rank ``fail_rank`` makes its G loss NaN at
     # these iterations (local runs too). Empty = off.
     nan_at_iterations: list[int] = field(default_factory=list)
     # Fault injection (testing a full disk): the checkpoint of this iteration is written onto a
     # full disk (a file of it goes to /dev/full: the kernel's ENOSPC). -1 = off.
     disk_full_at_iteration: int = -1
+
+    @property
+    def min_workers(self) -> int:
+        return self.num_workers if isinstance(self.num_workers, int) else self.num_workers[0]
+
+    @property
+    def max_workers(self) -> int:
+        return self.num_workers if isinstance(self.num_workers, int) else self.num_workers[-1]
+
+    @property
+    def elastic(self) -> bool:
+        return not isinstance(self.num_workers, int)
 
 
 @dataclass(kw_only=True)
@@ -587,13 +614,21 @@ def validate(cfg: Config) -> None:
     need(tr.eval_images >= 10, "train.eval_images", "must be >= 10")
     need(tr.grad_accum >= 1, "train.grad_accum", "must be >= 1")
     d = cfg.distributed
-    need(d.num_workers >= 1, "distributed.num_workers", "must be >= 1")
     need(
-        tr.batch_size % (d.num_workers * tr.grad_accum) == 0,
-        "train.batch_size",
-        f"{tr.batch_size} must divide evenly over distributed.num_workers ({d.num_workers}) x "
-        f"train.grad_accum ({tr.grad_accum})",
+        isinstance(d.num_workers, int) or len(d.num_workers) == 2,
+        "distributed.num_workers",
+        f"a number of workers or [min, max] for elastic training, got {d.num_workers}",
     )
+    need(d.min_workers >= 1, "distributed.num_workers", "must be >= 1")
+    need(d.min_workers <= d.max_workers, "distributed.num_workers", "[min, max] needs min <= max")
+    for w in range(d.min_workers, d.max_workers + 1):  # an elastic run may resize to any of them
+        need(
+            tr.batch_size % (w * tr.grad_accum) == 0,
+            "train.batch_size",
+            f"{tr.batch_size} must divide evenly over distributed.num_workers ({w}"
+            f"{' of ' + str(d.num_workers) if d.elastic else ''}) x train.grad_accum "
+            f"({tr.grad_accum})",
+        )
     need(d.zero_stage in (0, 1, 2, 3), "distributed.zero_stage", "must be 0, 1, 2 or 3")
     lo = cfg.student.lora
     need(lo.rank >= 0, "student.lora.rank", "must be >= 0 (0: train the whole student)")
@@ -642,7 +677,7 @@ def validate(cfg: Config) -> None:
     need(d.cpus_per_worker > 0, "distributed.cpus_per_worker", "must be > 0")
     need(d.gpus_per_worker > 0, "distributed.gpus_per_worker", "must be > 0")
     need(d.max_failures >= -1, "distributed.max_failures", "must be >= 0 (or -1: unlimited)")
-    need(0 <= d.fail_rank < d.num_workers, "distributed.fail_rank", "must be a rank of this run")
+    need(0 <= d.fail_rank < d.max_workers, "distributed.fail_rank", "must be a rank of this run")
     need(bool(d.storage_path), "distributed.storage_path", "must not be empty")
     need(cfg.storage.retries >= 0, "storage.retries", "must be >= 0")
     need(cfg.storage.retry_max_s >= 0, "storage.retry_max_s", "must be >= 0")

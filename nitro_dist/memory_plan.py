@@ -335,9 +335,10 @@ class Plan:
 
 
 def plan(cfg: Config, *, activations: bool = True) -> Plan:
-    """The memory plan of ``cfg`` (``distributed.num_workers`` ranks). ``activations`` False
-    skips the fake-tensor iteration (minutes at SDXL size on a CPU; the row is then 0)."""
-    w, tr, d = cfg.distributed.num_workers, cfg.train, cfg.distributed
+    """The memory plan of ``cfg`` (``distributed.num_workers`` ranks; elastic [min, max]: min,
+    where each rank holds the most). ``activations`` False skips the fake-tensor iteration
+    (minutes at SDXL size on a CPU; the row is then 0)."""
+    w, tr, d = cfg.distributed.min_workers, cfg.train, cfg.distributed
     arch = arch_of(cfg)
     micro = tr.batch_size // (w * tr.grad_accum)
     if activations:

@@ -304,7 +304,7 @@ def make_batch(
     x0 = None
     if run.loader is not None:
         samples = run.loader.next_batch(cfg.train.batch_size // world_size)
-        audit(run, iteration, samples)
+        audit(run, iteration, run.loader.cursor.epoch, [s.key for s in samples])
         prompts = [s.prompt for s in samples]
         seeds = torch.tensor([s.noise_seed for s in samples], dtype=torch.long)
         if cfg.teacher.mode == "offline":
@@ -322,6 +322,7 @@ def make_batch(
         assert run.train_set is not None  # data.source=task
         idx = global_batch_indices(cfg.seed, iteration, len(run.train_set), cfg.train.batch_size)
         idx = rank_slice(idx, rank, world_size)
+        audit(run, iteration, 0, [f"task-{i}" for i in idx.tolist()])
         prompts = [run.train_set.prompts[i] for i in idx]
         seeds = run.train_set.seeds[idx]
         if run.x0_offline is not None:
@@ -341,16 +342,15 @@ def make_batch(
     return Batch(x_T, x0, run.conds(prompts), run.conds([""] * len(prompts)))
 
 
-def audit(run: Run, iteration: int, samples: list) -> None:
-    """data.audit_dir: which samples each rank trained on (checks for duplicates/loss)."""
+def audit(run: Run, iteration: int, epoch: int, keys: list[str]) -> None:
+    """data.audit_dir: which samples each rank trained on (checks for duplicates/loss): shard
+    samples by key, the task's training prompts (data.source=task) as ``task-<index>``."""
     if not run.cfg.data.audit_dir:
         return
-    assert run.loader is not None  # called with shard data only
     folder = Path(run.cfg.data.audit_dir)
     folder.mkdir(parents=True, exist_ok=True)
-    epoch = run.loader.cursor.epoch
     with (folder / f"rank_{run.rank}.txt").open("a") as f:
-        f.writelines(f"{epoch} {iteration} {s.key}\n" for s in samples)
+        f.writelines(f"{epoch} {iteration} {k}\n" for k in keys)
 
 
 def autocast(run: Run):

@@ -151,24 +151,38 @@ def s3_endpoint(s3_server):
 
 
 @pytest.fixture(scope="session")
-def ray_cluster(s3_server):  # the S3 server first: Ray workers inherit its AWS_* variables
-    """One local Ray for every in-process Ray test of the session (dashboard on 127.0.0.1: Train
-    V2 uses its state API)."""
-    ray = pytest.importorskip("ray")
+def ray_cluster(s3_server):  # the S3 server first: Ray's nodes inherit its AWS_* variables
+    """One Ray cluster of two nodes on this machine for every in-process Ray test of the session
+    (``ray.cluster_utils.Cluster``, what Ray's own multi-node tests use): the head (2 CPUs,
+    dashboard on 127.0.0.1: Train V2 uses its state API) and a worker node (2 CPUs), so runs
+    with ``distributed.placement_strategy=SPREAD`` put their ranks on two nodes. Yields the
+    ``Cluster``: a test may add nodes (and must remove them again)."""
+    pytest.importorskip("ray")
+    import ray
+    from ray.cluster_utils import Cluster
+
     assert not ray.is_initialized()
-    # "local": a new instance even when a `ray start` cluster runs on this machine
-    ray.init(
-        address="local",
-        num_cpus=4,
-        object_store_memory=512 * 2**20,  # tiny models: the default (30% of RAM) is never needed
-        dashboard_host="127.0.0.1",
-        include_dashboard=True,
+    cluster = Cluster(
+        initialize_head=True,
+        head_node_args={
+            "num_cpus": 2,
+            "object_store_memory": 512 * 2**20,  # tiny models: the default (30% of RAM) is unused
+            "dashboard_host": "127.0.0.1",
+            "include_dashboard": True,
+        },
     )
-    yield
-    ray.shutdown()
+    cluster.add_node(num_cpus=2, object_store_memory=256 * 2**20)
+    cluster.wait_for_nodes()
+    cluster.connect()
+    try:
+        yield cluster
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
 
 
 @pytest.fixture(scope="module")
 def cluster(ray_cluster, s3_endpoint):
-    """The session's Ray cluster, with the module's (empty) S3 bucket."""
-    yield
+    """The session's Ray cluster (``ray.cluster_utils.Cluster``), with the module's (empty) S3
+    bucket."""
+    yield ray_cluster

@@ -188,6 +188,10 @@ VALIDATE_CASES = {
     ],
     "distributed": [
         (["distributed.num_workers=0"], "distributed.num_workers"),
+        (["distributed.num_workers=[1, 2, 3]"], "distributed.num_workers"),
+        (["distributed.num_workers=[2, 1]"], "distributed.num_workers"),
+        (["distributed.num_workers=[1, 3]"], "train.batch_size"),  # 4 over 3 workers
+        (["distributed.placement_strategy=FILL"], "distributed.placement_strategy"),
         (["distributed.zero_stage=4"], "distributed.zero_stage"),
         (["distributed.cpus_per_worker=0"], "distributed.cpus_per_worker"),
         (["distributed.gpus_per_worker=0"], "distributed.gpus_per_worker"),

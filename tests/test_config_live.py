@@ -234,6 +234,7 @@ KEYS: dict[str, Case] = {
     "distributed.cpus_per_worker": Case(0.5, "trainer", "scaling"),
     "distributed.gpus_per_worker": Case(0.5, "trainer", "scaling", {"distributed.use_gpu": True}),
     "distributed.resources_per_worker": Case({"special": 1}, "trainer", "scaling"),
+    "distributed.placement_strategy": Case("SPREAD", "trainer", "scaling"),
     "distributed.zero_stage": Case(2, "deepspeed", "config"),
     "distributed.storage_path": Case("elsewhere", "trainer", "run_config"),
     "distributed.max_failures": Case(3, "trainer", "run_config"),
@@ -241,6 +242,7 @@ KEYS: dict[str, Case] = {
     "distributed.fail_rank": Case(
         1, "fault", "exits", {"distributed.num_workers": 2, "distributed.fail_at_iteration": 1}
     ),
+    "distributed.node_loss_at_iteration": Case(1, "fault", "exits"),
     "distributed.nan_at_iterations": Case([0], "step", "metrics"),
     "distributed.disk_full_at_iteration": Case(1, "loop", ("stopped", "files")),
     # storage
@@ -598,6 +600,7 @@ def probe_trainer(cfg: Config, scratch: Path) -> dict[str, Any]:
             "num_workers": s.num_workers,
             "use_gpu": s.use_gpu,
             "resources_per_worker": s.resources_per_worker,
+            "placement_strategy": s.placement_strategy,
             "backend": trainer.backend_config.backend,
         },
         "run_config": {
@@ -615,7 +618,7 @@ def probe_deepspeed(cfg: Config, scratch: Path) -> dict[str, Any]:
     from nitro_dist.distributed.g_update import deepspeed_config
 
     bf16 = cfg.train.precision == "bf16"
-    return {"config": deepspeed_config(cfg, cfg.distributed.num_workers, bf16)}
+    return {"config": deepspeed_config(cfg, cfg.distributed.max_workers, bf16)}
 
 
 class _Exit(Exception):
@@ -623,16 +626,25 @@ class _Exit(Exception):
 
 
 def probe_fault(cfg: Config, scratch: Path) -> dict[str, Any]:
-    """Every rank's RaySession.check_fault at iterations 0-2; os._exit raises instead."""
+    """Every rank's RaySession.check_fault at iterations 0-2; os._exit and the loss of the
+    rank's node (``lose_node``) raise instead."""
+    from nitro_dist.distributed import ray_train
     from nitro_dist.distributed.ray_train import FAIL_ENV, RaySession
 
     def fake_exit(code: int) -> None:
         raise _Exit(code)
 
+    def fake_node_loss(node: str, who: str) -> None:
+        raise _Exit(f"node lost: {who}")
+
     exits = []
     env = {k: v for k, v in os.environ.items() if k != FAIL_ENV}
-    world = cfg.distributed.num_workers
-    with mock.patch.object(os, "_exit", fake_exit), mock.patch.dict(os.environ, env, clear=True):
+    world = cfg.distributed.max_workers
+    with (
+        mock.patch.object(os, "_exit", fake_exit),
+        mock.patch.object(ray_train, "lose_node", fake_node_loss),
+        mock.patch.dict(os.environ, env, clear=True),
+    ):
         for rank in range(world):
             session = RaySession(cfg, str(scratch / "store"), rank, world)
             for it in range(3):

@@ -143,7 +143,8 @@ def test_distil_your_own_sdxl_model(user, tmp_path):
     # 6. serve the s3:// run over HTTP
     port = free_port()
     try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        # one proxy: the session cluster's simulated nodes share this machine (and the port)
+        serve.start(http_options={"host": "127.0.0.1", "port": port}, proxy_location="HeadOnly")
         serve.run(app({"checkpoint": run, "device": "cpu"}), name="journey", route_prefix="/j")
         served = post_image(
             f"http://127.0.0.1:{port}/j/v1/images", {"prompt": PROMPT, "seed": SEED, "steps": 1}

@@ -56,7 +56,8 @@ def base_url(run_dir, cluster):  # the session's Ray, with the module's S3 bucke
     s3fs.S3FileSystem().put(str(run_dir / "checkpoints"), "nitro-test/served", recursive=True)
     port = free_port()
     try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        # one proxy: the session cluster's simulated nodes share this machine (and the port)
+        serve.start(http_options={"host": "127.0.0.1", "port": port}, proxy_location="HeadOnly")
         common = {"batch_wait_ms": "20", "device": "cpu"}
         serve.run(app({"checkpoint": str(run_dir), **common}), name="main", route_prefix="/")
         busy = {"max_ongoing_requests": 1, "max_queued_requests": 1, "max_batch_size": 1}

@@ -89,7 +89,7 @@ def connect(cfg: Config) -> None:
         ray.init(log_to_driver=True, logging_level=logging.WARNING)
         return
     d = cfg.distributed
-    need = math.ceil(d.num_workers * d.cpus_per_worker)
+    need = math.ceil(d.max_workers * d.cpus_per_worker)
     ray.init(
         num_cpus=max(os.cpu_count() or 1, need),
         dashboard_host="127.0.0.1",  # the state API (Train V2 uses it) lives in the dashboard
@@ -144,15 +144,15 @@ def check_data(cfg: Config, *, index_only: bool = False) -> ShardList:
     index of a brace pattern that cannot be written beside the shards goes to
     ``<storage_path>/shard_indexes/``. ``index_only``: just the list (Tune trials)."""
     from nitro_dist import retry
-    from nitro_dist.data.loader import check_dataset
+    from nitro_dist.data.loader import check_dataset, check_split
     from nitro_dist.data.shards import list_shards
 
     retry.configure(retry.from_config(cfg.storage))  # the driver indexes and reads shards too
-    d, w = cfg.data, cfg.distributed.num_workers
+    d, w = cfg.data, cfg.distributed.max_workers
     index_dir = f"{resolve_storage(cfg.distributed.storage_path)}/shard_indexes"
     if index_only:
         return list_shards(d.shards, index_dir=index_dir)
-    return check_dataset(
+    shards = check_dataset(
         d.shards,
         caption_key=d.caption_key,
         need_teacher=cfg.teacher.mode == "offline",
@@ -161,6 +161,9 @@ def check_data(cfg: Config, *, index_only: bool = False) -> ShardList:
         seed=cfg.seed,
         index_dir=index_dir,
     )
+    for n in range(cfg.distributed.min_workers, w):  # the sizes an elastic run may shrink to
+        check_split(shards, n, cfg.train.batch_size // n, cfg.seed)
+    return shards
 
 
 def make_trainer(
@@ -179,6 +182,8 @@ def make_trainer(
     storage = resolve_storage(d.storage_path)
     path, fs = ray_storage(storage)
     resources: dict[str, float] = {"CPU": d.cpus_per_worker, **d.resources_per_worker}
+    # [min, max]: Ray Train V2's elastic training (a tuple), else a fixed number of workers
+    workers = d.num_workers if isinstance(d.num_workers, int) else tuple(d.num_workers)
     if d.use_gpu:
         resources["GPU"] = d.gpus_per_worker
     if resume and not is_remote(resume):
@@ -191,7 +196,10 @@ def make_trainer(
         worker_loop,
         train_loop_config=loop_config,
         scaling_config=ray.train.ScalingConfig(
-            num_workers=d.num_workers, use_gpu=d.use_gpu, resources_per_worker=resources
+            num_workers=workers,
+            use_gpu=d.use_gpu,
+            resources_per_worker=resources,
+            placement_strategy=d.placement_strategy,
         ),
         torch_config=TorchConfig(backend="nccl" if d.use_gpu else "gloo"),
         run_config=ray.train.RunConfig(
@@ -328,28 +336,44 @@ class RaySession:
         from nitro_dist.distributed.parallel import parallelize
 
         parallelize(run, self.rank, self.world_size)
+        run.node = _node_id()  # the rank's part of a checkpoint names the node that wrote it
 
     # -- each iteration ---------------------------------------------------------------------
 
     def check_fault(self, iteration: int) -> None:
         """Exit abruptly (as a crashed worker would) at the configured iteration, once per run:
-        a marker in the run folder keeps the restarted worker from failing again."""
-        at, rank = self.cfg.distributed.fail_at_iteration, self.cfg.distributed.fail_rank
+        a marker in the run folder keeps the restarted worker from failing again. The same for
+        ``distributed.node_loss_at_iteration``, where the whole node goes (``lose_node``)."""
+        d = self.cfg.distributed
+        at, rank = d.fail_at_iteration, d.fail_rank
         if os.environ.get(FAIL_ENV):
             spec = os.environ[FAIL_ENV].split(":")
             at, rank = int(spec[0]), int(spec[1]) if len(spec) > 1 else 0
-        if iteration != at or self.rank != rank:
-            return
+        if (
+            iteration == at
+            and self.rank == rank
+            and self._first_fault(f"injected_at_{at}_rank{rank}")
+        ):
+            print(f"fault injection: rank {rank} exits at iteration {at}", flush=True)
+            os._exit(FAULT_EXIT_CODE)
+        at = d.node_loss_at_iteration
+        if iteration == at and self.rank == d.fail_rank:
+            node = _node_id()
+            if self._first_fault(f"node_lost_at_{at}_rank{self.rank}", node):
+                lose_node(node, f"rank {self.rank} at iteration {at}")
+
+    def _first_fault(self, name: str, note: str = "injected") -> bool:
+        """Mark fault ``name`` in the run's ``faults/`` folder; False if it was marked before
+        (this run already had it: a restarted worker goes on)."""
         import fsspec
 
-        marker = f"{self.remote_dir}/faults/injected_at_{at}_rank{rank}"
+        marker = f"{self.remote_dir}/faults/{name}"
         fs, path = fsspec.core.url_to_fs(marker)
         if fs.exists(path):
-            return
+            return False
         fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
-        fs.pipe_file(path, b"injected\n")
-        print(f"fault injection: rank {rank} exits at iteration {at}", flush=True)
-        os._exit(FAULT_EXIT_CODE)
+        fs.pipe_file(path, f"{note}\n".encode())
+        return True
 
     def reduce(self, metrics: dict[str, float]) -> dict[str, float]:
         """Mean over ranks of the per-rank losses and accuracies (one small all-reduce)."""
@@ -360,7 +384,8 @@ class RaySession:
             dist.all_reduce(vals)
             vals[: len(keys)] /= self.world_size  # means; the counters are sums over ranks
         out = dict(zip(keys + counts, vals.tolist(), strict=True))
-        return {**metrics, **out, **{k: int(out[k]) for k in counts}}
+        counted = {k: int(out[k]) for k in counts}
+        return {**metrics, **out, **counted, "num_workers": self.world_size}
 
     # -- checkpoints and reports ------------------------------------------------------------
 
@@ -409,6 +434,44 @@ class RaySession:
     def close(self) -> None:
         if is_remote(self.remote_dir):
             shutil.rmtree(self.run_dir, ignore_errors=True)
+
+
+def _node_id() -> str:
+    import ray
+
+    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
+
+
+def lose_node(node_id: str, who: str) -> None:
+    """Fault injection: take this worker's Ray node out of the cluster, as a machine that is
+    shut down or preempted: its raylet (the parent of every Ray worker process) gets SIGTERM,
+    unregisters the node and ends every process on it, this one included."""
+    import signal
+    import time
+
+    import ray
+
+    info = next((n for n in ray.nodes() if n["NodeID"] == node_id), None)
+    if info is not None and "node:__internal_head__" in info.get("Resources", {}):
+        raise RuntimeError(
+            f"distributed.node_loss_at_iteration: {who} runs on the head node, which cannot be "
+            "lost without the cluster; give the workers a resource only worker nodes have "
+            "(distributed.resources_per_worker) or use distributed.fail_at_iteration"
+        )
+    raylet = os.getppid()
+    try:
+        cmdline = Path(f"/proc/{raylet}/cmdline").read_bytes().split(b"\0")[0]
+    except OSError:
+        cmdline = b""
+    if not cmdline.endswith(b"raylet"):
+        raise RuntimeError(
+            f"distributed.node_loss_at_iteration: the parent of {who}'s worker process "
+            f"({raylet}: {cmdline.decode(errors='replace') or 'unknown'}) is not a raylet"
+        )
+    print(f"fault injection: node {node_id[:12]} of {who} leaves the cluster", flush=True)
+    os.kill(raylet, signal.SIGTERM)
+    time.sleep(600)  # the raylet ends this process on its way out
+    os._exit(FAULT_EXIT_CODE)
 
 
 def _scalars(metrics: dict[str, Any]) -> dict[str, Any]:
