@@ -1,7 +1,7 @@
 # Two commands do all the set-up on a fresh machine:
 #   make train   - create .venv, install, run the digits distillation (CPU, minutes)
 #   make test    - create .venv, install, run the test suite
-#   make test-fast - the tests that are neither slow nor need Ray (~2 minutes): the edit loop
+#   make test-fast - the tests that are neither slow nor need Ray (~2.5 minutes): the edit loop
 #   make lint      - ruff and mypy (.ci/run runs it before the tests)
 VENV ?= .venv
 PY := $(VENV)/bin/python
