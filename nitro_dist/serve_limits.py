@@ -250,6 +250,18 @@ def _sha256(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
+def key_problem(authorization: str, key_sha256: str) -> str | None:
+    """None when no key is needed or the ``Authorization: Bearer KEY`` header carries it
+    (compared in constant time); else "missing" or "invalid". HTTP (RequestGuard) and the
+    WebSocket handshake (live.authorized) both check with this."""
+    if not key_sha256:
+        return None
+    scheme, _, key = authorization.partition(" ")
+    if scheme.lower() != "bearer" or not key.strip():
+        return "missing"
+    return None if hmac.compare_digest(_sha256(key.strip()), key_sha256) else "invalid"
+
+
 DOCS_PATHS = ("/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json")
 PUBLIC_PATHS = ("/", "/healthz")  # the page and the health check need no key
 _ACTIVE = HTTPLimits()
@@ -354,23 +366,21 @@ class RequestGuard:
         if path in DOCS_PATHS and not lim.docs:
             raise _Refused(404, f"{path}: not served (start the app with docs=true)", "path", {})
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
-        if lim.api_key_sha256 and path not in PUBLIC_PATHS:
-            auth = headers.get("authorization", "")
-            scheme, _, key = auth.partition(" ")
-            if scheme.lower() != "bearer" or not key.strip():
+        problem = key_problem(headers.get("authorization", ""), lim.api_key_sha256)
+        if problem and path not in PUBLIC_PATHS:
+            if problem == "missing":
                 raise _Refused(
                     401,
                     "authorization: this server needs an API key: send 'Authorization: Bearer KEY'",
                     "authorization",
                     {"WWW-Authenticate": "Bearer"},
                 )
-            if not hmac.compare_digest(_sha256(key.strip()), lim.api_key_sha256):
-                raise _Refused(
-                    401,
-                    "authorization: the API key is not valid",
-                    "authorization",
-                    {"WWW-Authenticate": 'Bearer error="invalid_token"'},
-                )
+            raise _Refused(
+                401,
+                "authorization: the API key is not valid",
+                "authorization",
+                {"WWW-Authenticate": 'Bearer error="invalid_token"'},
+            )
         length = headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > lim.max_body_bytes:
             raise _Refused(413, _too_large(int(length), lim), "body", {})

@@ -26,6 +26,21 @@ WIDE_UNET = {
 }
 
 
+def sdxl_pipeline(m: Models, scheduler):
+    """diffusers' own SDXL pipeline of ``m`` (with its VAE): G as the UNet."""
+    from diffusers import StableDiffusionXLPipeline
+
+    return StableDiffusionXLPipeline(
+        vae=m.vae,
+        text_encoder=m.text.encoders[0],
+        text_encoder_2=m.text.encoders[1],
+        tokenizer=m.text.tokenizers[0],
+        tokenizer_2=m.text.tokenizers[1],
+        unet=m.student,
+        scheduler=scheduler,
+    )
+
+
 def wide_sdxl(seed: int = 0) -> Models:
     return build_sdxl_from_configs(WIDE_UNET, WIDE_TEXT, tiny.TINY_VAE, seed)
 

@@ -8,8 +8,9 @@ import json
 
 import pytest
 import torch
-from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
+from diffusers import UNet2DConditionModel
 from safetensors.torch import load_file
+from sdxl_files import sdxl_pipeline
 
 from nitro_dist import checkpoint_layout, lora
 from nitro_dist import memory_plan as MP
@@ -112,15 +113,7 @@ def test_lora_export_loads_into_a_stock_pipeline(runs, tmp_path):
     assert export_main(args) == 2  # exists: --overwrite
     # a stock SDXL pipeline of the base model (tiny: from the seed), diffusers' LoRA loader
     m = build_tiny_sdxl(cfg.seed, with_vae=True)
-    pipe = StableDiffusionXLPipeline(
-        vae=m.vae,
-        text_encoder=m.text.encoders[0],
-        text_encoder_2=m.text.encoders[1],
-        tokenizer=m.text.tokenizers[0],
-        tokenizer_2=m.text.tokenizers[1],
-        unet=m.student,
-        scheduler=NitroLCMScheduler.from_pretrained(ckpt / "scheduler"),
-    )
+    pipe = sdxl_pipeline(m, NitroLCMScheduler.from_pretrained(ckpt / "scheduler"))
     base_out = _unet_out(pipe.unet)
     pipe.load_lora_weights(str(tmp_path), weight_name=out.name)
     got = _unet_out(pipe.unet)

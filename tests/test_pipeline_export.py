@@ -2,7 +2,8 @@
 gives what the project's own sampler gives (the three lines in the README)."""
 
 import torch
-from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
+from diffusers import UNet2DConditionModel
+from sdxl_files import sdxl_pipeline
 
 from nitro_dist.diffusion import NitroLCMScheduler, StudentDenoiser
 from nitro_dist.models.builders import build_tiny_sdxl
@@ -14,15 +15,7 @@ def test_stock_sdxl_pipeline_matches_student_sampler(tmp_path):
     m.student.save_pretrained(tmp_path / "generator", safe_serialization=True)
     NitroLCMScheduler(shift=250).save_pretrained(tmp_path / "scheduler")
     assert not list(tmp_path.rglob("*.bin"))  # no pickle anywhere
-    pipe = StableDiffusionXLPipeline(
-        vae=m.vae,
-        text_encoder=m.text.encoders[0],
-        text_encoder_2=m.text.encoders[1],
-        tokenizer=m.text.tokenizers[0],
-        tokenizer_2=m.text.tokenizers[1],
-        unet=m.student,
-        scheduler=NitroLCMScheduler(),  # both replaced below, from the saved folders
-    )
+    pipe = sdxl_pipeline(m, NitroLCMScheduler())  # both replaced below, from the saved folders
     # the README's three lines
     pipe.unet = UNet2DConditionModel.from_pretrained(tmp_path / "generator", use_safetensors=True)
     pipe.scheduler = NitroLCMScheduler.from_pretrained(tmp_path / "scheduler")
