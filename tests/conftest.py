@@ -1,4 +1,4 @@
-"""Shared fixtures. OMP threads sleep instead of spinning: on 2 cores, spinning OpenMP workers of
+"""Shared fixtures. One OMP thread per process, and OMP threads sleep instead of spinning: on 2 cores, spinning OpenMP workers of
 two processes (a test and a Ray worker, say) slow each other down by orders of magnitude.
 
 One S3 server (moto's) and one local Ray cluster serve the whole session; the tests that use the
@@ -9,6 +9,10 @@ block (xdist group "ray", started first), the other the rest."""
 import os
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# One intra-op thread per process: the tests' models are tiny, and on 2 cores shared by two xdist
+# workers and Ray's processes more threads only add synchronisation (test_digits_distill alone:
+# 84 s with one thread, 114 s with two)
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Ray Train's controller polls its workers every 2 s: a tiny run would wait up to that long at
