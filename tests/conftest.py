@@ -1,5 +1,6 @@
-"""Shared fixtures. One OMP thread per process, and OMP threads sleep instead of spinning: on 2 cores, spinning OpenMP workers of
-two processes (a test and a Ray worker, say) slow each other down by orders of magnitude.
+"""Shared fixtures. One OMP thread per process, and OMP threads sleep instead of spinning: on 2
+cores, spinning OpenMP workers of two processes (a test and a Ray worker, say) slow each other
+down by orders of magnitude.
 
 One S3 server (moto's) and one local Ray cluster serve the whole session; the tests that use the
 cluster run as one block (test_ray_job's own `ray start` cluster first), so that Ray's processes

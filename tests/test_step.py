@@ -1,6 +1,7 @@
 import math
 
 import torch
+from closeness import assert_adamw_close
 
 from nitro_dist.build import build_run
 from nitro_dist.discriminator.backbone import backbone_features, level_shapes
@@ -148,7 +149,8 @@ def test_two_d_steps_per_g_step(tiny_cfg):
 
 def test_gradient_accumulation_matches_the_full_batch(tiny_cfg):
     """2 micro-batches of 2 accumulate to the same update as one batch of 4 (heads: AdamW's
-    first steps normalise tiny gradient differences from the summation order, so 1e-4)."""
+    first steps normalise tiny gradient differences from the summation order, so 1e-4, and a
+    rare near-zero gradient may flip its update: closeness.assert_adamw_close)."""
     runs = [build_run(tiny_cfg(f"train.grad_accum={n}"), progress=False) for n in (1, 2)]
     for run in runs:
         for it in range(2):
@@ -156,7 +158,8 @@ def test_gradient_accumulation_matches_the_full_batch(tiny_cfg):
     s0, s1 = runs[0].models.student, runs[1].models.student
     for a, b in zip(s0.parameters(), s1.parameters(), strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=2e-5)
+    lr = runs[0].cfg.pool.lr
     for h in runs[0].pool.owned:
         h0, h1 = runs[0].pool.head(h), runs[1].pool.head(h)
         for a, b in zip(h0.parameters(), h1.parameters(), strict=True):
-            torch.testing.assert_close(a, b, rtol=0, atol=1e-4)
+            assert_adamw_close(a, b, 1e-4, lr, steps=2, msg=f"head {h}")
