@@ -11,7 +11,9 @@ Each input shard becomes one pair shard (prompt, noise seed, the teacher's x0 as
 teacher.npy) written by a pool of teacher actors (GPU actors on a cluster, CPU here); x_T is
 regenerated bit-exactly from the stored seed; the caption is read from --caption-key (img2dataset
 shards: txt) and written as prompt.txt. Shards already written are skipped, so rerunning
-an interrupted job finishes it. Then train with
+an interrupted job finishes it (a rerun of a finished job reads its manifest and starts no
+teacher actor; an --out holding pairs of another teacher or model configuration is refused).
+Then train with
   data.source=shards data.shards=<out> teacher.mode=offline
 """
 
@@ -28,16 +30,17 @@ import torch
 from nitro_dist.config import Config, config_from_dict, load_config, to_dict
 from nitro_dist.data.prompts import CaptionKey
 from nitro_dist.data.shards import (
+    MANIFEST,
     BadData,
     DataError,
     encode,
-    join,
     list_shards,
     read_shard,
     shard_name,
     write_manifest,
     write_shard,
 )
+from nitro_dist.data.storage import join, read_bytes, url_fs
 
 
 class PairWriter:
@@ -108,13 +111,59 @@ def prepare(
     caption_key: str = "prompt.txt",
 ) -> dict:
     """Run the job; returns the output manifest (with ``written`` / ``skipped`` counts)."""
-    import ray
-
     from nitro_dist.distributed.ray_train import connect
 
     connect(cfg)  # first: a brace pattern of prompt shards is indexed by Ray tasks
     shards = list_shards(prompts)
     items = [{"src": u, "name": shard_name("pairs", i)} for i, u in enumerate(shards.urls)]
+    meta = {"kind": "pairs", "teacher": to_dict(cfg.teacher), "model": to_dict(cfg.model)}
+    done = finished_shards(out, meta)
+    pending = [it for it in items if it["name"] not in done]
+    rows = [{"name": n, "count": c, "skipped": True} for n, c in done.items()]
+    if pending:  # a rerun of a finished job starts no teacher actor
+        rows += pair_rows(
+            cfg, out, pending, actors, cpus_per_actor, gpus_per_actor, batch_size, caption_key
+        )
+    rows.sort(key=lambda r: r["name"])
+    manifest = write_manifest(out, [r["name"] for r in rows], [int(r["count"]) for r in rows], meta)
+    manifest["written"] = sum(not r["skipped"] for r in rows)
+    manifest["skipped"] = sum(bool(r["skipped"]) for r in rows)
+    return manifest
+
+
+def finished_shards(out: str, meta: dict) -> dict[str, int]:
+    """{name: count} of the pair shards a finished earlier run of this job wrote to ``out``
+    (its manifest, for the shards still there). Pairs of another teacher are an error: they
+    would be mixed with this one's."""
+    fs, path = url_fs(join(out, MANIFEST))
+    if not fs.exists(path):
+        return {}
+    old = json.loads(read_bytes(join(out, MANIFEST)))
+    for key in ("teacher", "model"):
+        if old.get(key) != meta[key]:
+            raise ValueError(
+                f"--out {out}: holds pairs of another {key} configuration ({MANIFEST}: "
+                f"{old.get(key)}); write these pairs to a new folder"
+            )
+    folder = path.rsplit("/", 1)[0]
+    fs.invalidate_cache(folder)  # the shards were written by actors, not through this client
+    there = {p.rsplit("/", 1)[-1] for p in fs.ls(folder, detail=False)}
+    return {s["name"]: int(s["count"]) for s in old["shards"] if s["name"] in there}
+
+
+def pair_rows(
+    cfg: Config,
+    out: str,
+    items: list[dict],
+    actors: int,
+    cpus_per_actor: float,
+    gpus_per_actor: float,
+    batch_size: int,
+    caption_key: str,
+) -> list[dict]:
+    """The Ray Data job over ``items`` (prompt shard -> pair shard): one row per shard."""
+    import ray
+
     ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
         PairWriter,
         fn_constructor_kwargs={
@@ -128,16 +177,10 @@ def prepare(
         num_cpus=cpus_per_actor,
         num_gpus=gpus_per_actor,
     )
-    rows = sorted(ds.take_all(), key=lambda r: r["name"])
-    manifest = write_manifest(
-        out,
-        [r["name"] for r in rows],
-        [int(r["count"]) for r in rows],
-        {"kind": "pairs", "teacher": to_dict(cfg.teacher), "model": to_dict(cfg.model)},
-    )
-    manifest["written"] = sum(not r["skipped"] for r in rows)
-    manifest["skipped"] = sum(bool(r["skipped"]) for r in rows)
-    return manifest
+    return [
+        {"name": str(r["name"]), "count": int(r["count"]), "skipped": bool(r["skipped"])}
+        for r in ds.take_all()
+    ]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -30,6 +30,9 @@ def pairs(cluster):
     cfg = load_config("digits")
     first = prepare(cfg, PROMPTS, PAIRS, actors=1, cpus_per_actor=1, batch_size=32)
     again = prepare(cfg, PROMPTS, PAIRS, actors=1, cpus_per_actor=1, batch_size=32)
+    with pytest.raises(ValueError, match="pairs of another teacher configuration"):
+        other = load_config("digits", ["teacher.num_steps=8"])
+        prepare(other, PROMPTS, PAIRS, actors=1, cpus_per_actor=1, batch_size=32)
     return cfg, first, again
 
 
@@ -37,6 +40,7 @@ def test_prepare_writes_teacher_pairs_and_resumes(pairs):
     cfg, first, again = pairs
     assert first["total"] == 256 and first["written"] == 8 and first["skipped"] == 0
     assert again["written"] == 0 and again["skipped"] == 8  # a rerun skips finished shards
+    assert again["shards"] == first["shards"]
     shards = list_shards(PAIRS)
     got = list(read_shard(shards.urls[3], BadData()))[:12]
     assert all(s.teacher is not None and s.teacher.shape == (1, 8, 8) for s in got)
