@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import random
 import warnings
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -213,11 +214,19 @@ class ShardLoader:
             persistent_workers=False,
             prefetch_factor=4 if workers else None,
         )
-        for item in loader:
-            if isinstance(item, BadData):
-                self.bad.merge(item)
-                continue
-            yield from unpack(item)
+        it = iter(loader)
+        # the workers stop when this stream ends or is closed, or when the ShardLoader goes
+        # (``_stop_workers`` says why not by the DataLoader iterator's own __del__)
+        stop = weakref.finalize(self, _stop_workers, it)
+        stop.atexit = False  # at interpreter exit torch's own handling applies
+        try:
+            for item in it:
+                if isinstance(item, BadData):
+                    self.bad.merge(item)
+                    continue
+                yield from unpack(item)
+        finally:
+            stop()
 
     def _epoch_samples(self, epoch: int) -> Iterator[Sample]:
         """Exactly ``epoch_length`` samples; wraps around if bad data left the stream short."""
@@ -255,6 +264,21 @@ class ShardLoader:
 
     def metrics(self) -> dict[str, int]:
         return {**self.bad.as_metrics(), "data_refilled": self.refilled}
+
+
+def _stop_workers(it: Iterator) -> None:
+    """Stop a DataLoader iterator's workers now (torch's own shutdown, which its __del__ calls).
+
+    Left to that __del__, a ShardLoader dropped mid-epoch cost 5 s per worker: the loader and
+    its epoch generator reference each other, so the cyclic gc frees them, and it calls weakref
+    callbacks before any __del__: multiprocessing's Queue finalizers stop the index queues'
+    feeder threads first, torch's stop signal then never reaches the workers, and it joins each
+    until its timeout (MP_STATUS_CHECK_INTERVAL). ``weakref.finalize`` on the ShardLoader runs
+    this among those callbacks, and its registry holds ``it`` (and its queues) strongly, so they
+    are not part of that garbage."""
+    shutdown = getattr(it, "_shutdown_workers", None)  # none without workers
+    if shutdown is not None:
+        shutdown()
 
 
 # ---------------------------------------------------------------------------------------------
