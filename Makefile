@@ -19,6 +19,10 @@ $(VENV)/.installed: pyproject.toml
 	# Costs ~4.5 GB of nvidia/triton wheels over the CPU torch 2.13.0 (2.5 GB -> 7.0 GB venv).
 	$(PY) -m pip install -q "torch==2.14.1" "torchvision==0.29.1"
 	$(PY) -m pip install -q -e ".[dev,eval]"
+	# DeepSpeed's CPU shared-memory all-reduce is a C++ op compiled on first use (~1.5 CPU-minutes);
+	# build it now, not inside the first training run or test (cached in ~/.cache/torch_extensions)
+	$(PY) -c "from deepspeed.accelerator import get_accelerator as a; \
+	  a().create_op_builder('ShareMemCommBuilder').load()"
 	touch $@
 
 train: setup
