@@ -1,12 +1,14 @@
 """Load test of the Ray Serve app on loopback, side by side with the plain alternative a user
 would write instead: the same routes and model in one uvicorn process, no Ray, one model call at
-a time (``nitro_dist.local_app``: serve.py's Ingress handlers over an in-process model).
+a time (``nitro_dist.local_app``: the app's routes, ``image_app.ImageApp``, over an in-process
+model).
 
 Per step count: p50/p99 latency at 1 client and images/s at 8 and 32 clients (``--clients``) for
 the plain server and for Serve with batching on and off; the replica's work called directly
 (Generator + PNG encoding in this process); and the hops of a Serve request taken apart at
-1 client: the Generator's handle called from this process (actor hop, no HTTP), then HTTP via
-Serve's proxy and the Ingress, then the batching wait.
+1 client: the deployment's handle called from this process (actor hop, no HTTP), then HTTP via
+Serve's proxy into the same replica's FastAPI routes, then the batching wait. The Serve app is
+one deployment (``Generator``: the routes and the model in one replica).
 
   python benchmarks/serve_load.py [--checkpoint runs/digits] [--requests 160] [--clients 8,32]
 
@@ -197,8 +199,8 @@ def load(make: Callable[[], Callable[[int], tuple]], n: int, conc: int, timeout:
 
 
 def handle_client(handle: Any, steps: int, size: int) -> Callable[[], Callable[[int], tuple]]:
-    """The Generator deployment's handle called from this process: Serve's actor hop and the
-    replica's batch queue, without HTTP, the proxy or the Ingress."""
+    """The deployment's handle (``ImageServer.generate``) called from this process: Serve's
+    actor hop and the replica's batch queue, without HTTP, the proxy or FastAPI."""
     from nitro_dist.image_api import Job
 
     def make() -> Callable[[int], tuple]:
@@ -279,7 +281,7 @@ def main() -> int:
             make = handle_client(handle, steps, size)
             load(make, 8, 1, args.phase_timeout)  # warm-up
             res = load(make, n, 1, args.phase_timeout)
-            phase(f"Serve Generator handle (no HTTP), {steps} step, batching off, 1 client", res)
+            phase(f"Serve handle (no HTTP), {steps} step, batching off, 1 client", res)
     finally:
         serve.shutdown()
         ray.shutdown()
@@ -310,7 +312,8 @@ def report(
         "1-minute load average before/after the run "
         f"{load_before[0]:.1f}/{load_after[0]:.1f} (other jobs share the machine). "
         f"Serve: one generator replica (0.5 CPU, 1 torch thread), max_batch_size "
-        f"{args.max_batch_size}, batch_wait_ms {args.batch_wait_ms}, Ingress -> Generator. "
+        f"{args.max_batch_size}, batch_wait_ms {args.batch_wait_ms}, one deployment (HTTP "
+        "routes and model in one replica, behind Serve's proxy). "
         "plain: `python -m nitro_dist.local_app` (serve.py's routes under uvicorn, one process, "
         "no Ray, one model call at a time, 1 torch thread). direct: the replica's work "
         "(generate + PNG) in this process, 1 thread.",
@@ -329,7 +332,7 @@ def report(
         plain1 = by[f"plain, {s} step, 1 clients"]
         on1 = by[f"Serve, {s} step, batching on, 1 clients"]
         off1 = by[f"Serve, {s} step, batching off, 1 clients"]
-        h1 = by[f"Serve Generator handle (no HTTP), {s} step, batching off, 1 client"]["p50_ms"]
+        h1 = by[f"Serve handle (no HTTP), {s} step, batching off, 1 client"]["p50_ms"]
         for label, r in (("batching on", on1), ("batching off", off1)):
             lines.append(
                 f"- {s} step, 1 client, Serve ({label}) vs plain: p50 {r['p50_ms']:.1f} vs "
@@ -347,8 +350,8 @@ def report(
             )
         lines.append(
             f"- {s} step, where Serve's 1-client p50 goes: replica work (direct) {d1:.1f} ms; "
-            f"+ actor hop via the Generator handle {h1 - d1:.1f} ms; + HTTP, proxy and Ingress "
-            f"(and its handle call) {off1['p50_ms'] - h1:.1f} ms; + batching wait "
+            f"+ actor hop via the deployment handle {h1 - d1:.1f} ms; + HTTP through Serve's "
+            f"proxy and FastAPI {off1['p50_ms'] - h1:.1f} ms; + batching wait "
             f"{on1['p50_ms'] - off1['p50_ms']:.1f} ms (batching on vs off; noise when "
             f"batch_wait_ms is 0); plain's HTTP + handlers: {plain1['p50_ms'] - d1:.1f} ms"
         )
