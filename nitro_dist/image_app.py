@@ -8,8 +8,10 @@ from (``model``) and how a job reaches it (``submit``).
 - ``local_app.LocalApp``: models loaded in this process, one model call at a time (the plain
   uvicorn server a user would write; tests and the benchmark's anchor).
 
-FastAPI hands the instance to every route as ``self``: ``serve.ingress`` injects the replica's
-object, ``local_app`` overrides that dependency.
+Every route gets the instance through the ``current`` dependency: under Serve the replica's
+object (``serve.ingress`` serves ``api`` from it), in ``local_app`` an override. (Plain route
+functions, not ``serve.ingress``' class-based view: a view's methods reach a replica by
+reference, from this module, without the ``self`` dependency the view gave them in the driver.)
 """
 
 from __future__ import annotations
@@ -18,9 +20,9 @@ import random
 import time
 from collections.abc import Sequence
 from importlib import resources
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
-from fastapi import FastAPI, Request, WebSocket
+from fastapi import Depends, FastAPI, Request, WebSocket
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 
@@ -105,7 +107,7 @@ def _page() -> str:
 
 
 class ImageApp:
-    """The routes over ``model_names`` (the first the default), with ``limit_args``' pixel
+    """What the routes do, over ``model_names`` (the first the default), with ``limit_args``' pixel
     budgets and ``http``'s limits (installed for ``RequestGuard`` in this process)."""
 
     max_batch_size = 1  # requests per model call (info only; a batching subclass says more)
@@ -170,11 +172,6 @@ class ImageApp:
             raise Unavailable(result.message, result.retry_after)
         return result
 
-    @api.get("/", response_class=HTMLResponse)
-    async def page(self) -> str:
-        return _page()
-
-    @api.get("/healthz")
     async def healthz(self) -> JSONResponse:
         """Answered by the process that holds the models. Says what a client may ask for,
         nothing of the internals (paths, devices, errors)."""
@@ -183,7 +180,6 @@ class ImageApp:
         extra = {"models": self.model_names, "live": self.live.__dict__}
         return JSONResponse({"status": "ok", "model": self.model_name, **public, **extra})
 
-    @api.post("/v1/images")
     async def images(self, req: ImageRequest) -> Response:
         name = self.requested(req.model)
         if (unknown := self._unknown(name)) is not None:
@@ -226,7 +222,6 @@ class ImageApp:
         }
         return JSONResponse(body, headers=headers)
 
-    @api.post("/v1/images/generations")
     async def openai_images(self, request: Request) -> JSONResponse:
         """OpenAI's images API over the same models: the same seed gives the same image as
         ``/v1/images``; errors in OpenAI's shape (400 naming the parameter)."""
@@ -252,18 +247,15 @@ class ImageApp:
             headers=result_headers(result, job.steps, m.limits.max_tokens),
         )
 
-    @api.get("/v1/models")
     async def openai_models(self) -> JSONResponse:
         return JSONResponse(models_list(self.model_names, self.created))
 
-    @api.get("/v1/models/{model:path}")  # a name given with model_name may hold "/"
     async def openai_model(self, model: str) -> JSONResponse:
         if model not in self.model_names:
             err = unknown_model(model, self.model_names)
             return JSONResponse(err.body(), status_code=err.status)
         return JSONResponse(model_card(model, self.created))
 
-    @api.websocket("/v1/live")
     async def live_socket(self, websocket: WebSocket) -> None:
         """Draw as you type: each message a prompt, the newest one of a client always wins."""
         if not authorized(websocket.headers, active_limits().api_key_sha256):
@@ -282,3 +274,49 @@ class ImageApp:
             return (await self._generate(job)).pngs[0]
         except Unavailable as e:
             raise ValueError(e.message) from e
+
+
+def current() -> ImageApp:
+    """The app behind the routes: under Serve the replica's own object (``serve.ImageServer``);
+    ``local_app`` overrides this dependency with its ``LocalApp``."""
+    from ray import serve
+
+    return serve.get_replica_context().servable_object
+
+
+App = Annotated[ImageApp, Depends(current)]
+
+
+@api.get("/", response_class=HTMLResponse)
+async def page() -> str:
+    return _page()
+
+
+@api.get("/healthz")
+async def healthz(app: App) -> JSONResponse:
+    return await app.healthz()
+
+
+@api.post("/v1/images")
+async def images(req: ImageRequest, app: App) -> Response:
+    return await app.images(req)
+
+
+@api.post("/v1/images/generations")
+async def openai_images(request: Request, app: App) -> JSONResponse:
+    return await app.openai_images(request)
+
+
+@api.get("/v1/models")
+async def openai_models(app: App) -> JSONResponse:
+    return await app.openai_models()
+
+
+@api.get("/v1/models/{model:path}")  # a name given with model_name may hold "/"
+async def openai_model(model: str, app: App) -> JSONResponse:
+    return await app.openai_model(model)
+
+
+@api.websocket("/v1/live")
+async def live_socket(websocket: WebSocket, app: App) -> None:
+    await app.live_socket(websocket)

@@ -10,14 +10,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import inspect
 import threading
-from typing import Any
 
 from fastapi import FastAPI
 
 from nitro_dist.image_api import Job, Result, run_jobs
-from nitro_dist.image_app import ImageApp
+from nitro_dist.image_app import ImageApp, api, current
 from nitro_dist.serve_limits import HTTPLimits, LimitArgs
 from nitro_dist.served_model import ServedModel, load_model
 
@@ -43,28 +41,11 @@ class LocalApp(ImageApp):
 
 
 def local_api(models: dict[str, ServedModel]) -> FastAPI:
-    """The app's ``api`` with a ``LocalApp`` over ``models`` as every route's ``self``: Serve
-    injects its replica's object; here a dependency override does."""
-    from nitro_dist import serve  # serve.ingress turns ImageApp's methods into routes
-
+    """The app's ``api`` with a ``LocalApp`` over ``models`` behind every route (under Serve the
+    replica's object is; here a dependency override)."""
     app = LocalApp(models)
-    deps = {
-        inspect.signature(r.endpoint).parameters["self"].default.dependency
-        for r in _routes(serve.api.router)
-        if getattr(getattr(r, "endpoint", None), "_serve_cls", None) is not None
-    }
-    assert len(deps) == 1, deps  # one class-based view: serve.ingress's own injector
-    serve.api.dependency_overrides[deps.pop()] = lambda: app
-    return serve.api
-
-
-def _routes(router: Any) -> list[Any]:
-    """Every route, also those under included routers (FastAPI >= 0.137 keeps them nested)."""
-    out = []
-    for r in router.routes:
-        nested = getattr(r, "original_router", None)
-        out += _routes(nested) if nested is not None else [r]
-    return out
+    api.dependency_overrides[current] = lambda: app
+    return api
 
 
 def main() -> None:
