@@ -1,20 +1,24 @@
 """Load test of the Ray Serve app on loopback, side by side with the plain alternative a user
 would write instead: the same routes and model in one uvicorn process, no Ray, one model call at
-a time (``nitro_dist.local_app``: serve.py's Ingress handlers over an in-process model).
+a time (``nitro_dist.local_app``: the app's routes, ``image_app.ImageApp``, over an in-process
+model).
 
 Per step count: p50/p99 latency at 1 client and images/s at 8 and 32 clients (``--clients``) for
 the plain server and for Serve with batching on and off; the replica's work called directly
 (Generator + PNG encoding in this process); and the hops of a Serve request taken apart at
-1 client: the Generator's handle called from this process (actor hop, no HTTP), then HTTP via
-Serve's proxy and the Ingress, then the batching wait.
+1 client: the deployment's handle called from this process (actor hop, no HTTP), then HTTP via
+Serve's proxy into the same replica's FastAPI routes, then the batching wait. The Serve app is
+one deployment (``Generator``: the routes and the model in one replica).
 
   python benchmarks/serve_load.py [--checkpoint runs/digits] [--requests 160] [--clients 8,32]
 
-Both servers compute on one torch thread (a CPU replica gets 0.5 CPU = 1 thread; the plain
-server is started with OMP_NUM_THREADS=1), so the comparison is of the serving path, not of the
-thread count. Bounded: every phase stops after --requests requests or --phase-timeout seconds.
-Without a checkpoint (no runs/digits yet) it makes a 2-iteration digits checkpoint in a temp
-folder first.
+Both servers are up together and their phases interleaved (direct, plain, Serve at each step
+count and concurrency), so a drifting load on a shared machine hits both alike; the table gives
+the 1-minute load average at the end of each phase. Both servers compute on one torch thread
+(a CPU replica gets 0.5 CPU = 1 thread; the plain server is started with OMP_NUM_THREADS=1), so
+the comparison is of the serving path, not of the thread count. Bounded: every phase stops
+after --requests requests or --phase-timeout seconds. Without a checkpoint (no runs/digits yet)
+it makes a 2-iteration digits checkpoint in a temp folder first.
 """
 
 from __future__ import annotations
@@ -197,8 +201,8 @@ def load(make: Callable[[], Callable[[int], tuple]], n: int, conc: int, timeout:
 
 
 def handle_client(handle: Any, steps: int, size: int) -> Callable[[], Callable[[int], tuple]]:
-    """The Generator deployment's handle called from this process: Serve's actor hop and the
-    replica's batch queue, without HTTP, the proxy or the Ingress."""
+    """The deployment's handle (``ImageServer.generate``) called from this process: Serve's
+    actor hop and the replica's batch queue, without HTTP, the proxy or FastAPI."""
     from nitro_dist.image_api import Job
 
     def make() -> Callable[[int], tuple]:
@@ -224,6 +228,10 @@ def main() -> int:
     ap.add_argument("--phase-timeout", type=float, default=120.0)
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/serve_load.md"))
     args = ap.parse_args()
+    # this checkout's nitro_dist, here and in the Ray workers this script starts (not another
+    # checkout's installed in the environment: a worktree's would be measured with main's code)
+    sys.path.insert(0, str(ROOT))
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.getenv("PYTHONPATH")]))
     clients = [int(c) for c in args.clients.split(",")]
     steps_list = [int(c) for c in args.steps.split(",")]
     checkpoint = checkpoint_or_make(args.checkpoint)
@@ -233,21 +241,9 @@ def main() -> int:
     n, top = args.requests, max(clients)
 
     def phase(name: str, res: dict) -> None:
+        res["load1"] = os.getloadavg()[0]  # the machine's 1-minute load at the phase's end
         rows.append((name, res))
         print(name, res, flush=True)
-
-    for steps in steps_list:
-        phase(f"direct, {steps} step, 1 request per call", direct(checkpoint, steps, n, 1))
-        phase(
-            f"direct, {steps} step, {clients[0]} requests per call",
-            direct(checkpoint, steps, n, clients[0]),
-        )
-    with plain_server(checkpoint) as plain_port:
-        for steps in steps_list:
-            make = http_client(plain_port, "", steps)
-            load(make, 2 * top, top, args.phase_timeout)  # warm-up
-            for c in [1, *clients]:
-                phase(f"plain, {steps} step, {c} clients", load(make, n, c, args.phase_timeout))
 
     import ray
     from ray import serve
@@ -257,32 +253,48 @@ def main() -> int:
 
     size = Generator.from_checkpoint(checkpoint).native_size
     port = free_port()
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        common = {"checkpoint": checkpoint, "device": "cpu", "batch_wait_ms": args.batch_wait_ms}
-        apps = {"on": args.max_batch_size, "off": 1}
-        for name, mbs in apps.items():
-            serve.run(
-                app({**common, "max_batch_size": mbs, "max_queued_requests": 4 * n}),
-                name=name,
-                route_prefix=f"/{name}",
-            )
-        for steps in steps_list:
-            for name in apps:
-                make = http_client(port, f"/{name}", steps)
-                load(make, 2 * top, top, args.phase_timeout)  # warm-up
+    # both servers up together and their phases interleaved (direct, plain, Serve at each step
+    # count and concurrency): on a shared machine the load drifts, and it then drifts for both
+    with plain_server(checkpoint) as plain_port:
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        try:
+            serve.start(http_options={"host": "127.0.0.1", "port": port})
+            common = {
+                "checkpoint": checkpoint,
+                "device": "cpu",
+                "batch_wait_ms": args.batch_wait_ms,
+            }
+            apps = {"on": args.max_batch_size, "off": 1}
+            for name, mbs in apps.items():
+                serve.run(
+                    app({**common, "max_batch_size": mbs, "max_queued_requests": 4 * n}),
+                    name=name,
+                    route_prefix=f"/{name}",
+                )
+            for steps in steps_list:
+                phase(f"direct, {steps} step, 1 request per call", direct(checkpoint, steps, n, 1))
+                phase(
+                    f"direct, {steps} step, {clients[0]} requests per call",
+                    direct(checkpoint, steps, n, clients[0]),
+                )
+                servers = {f"plain, {steps} step": http_client(plain_port, "", steps)}
+                for name in apps:
+                    servers[f"Serve, {steps} step, batching {name}"] = http_client(
+                        port, f"/{name}", steps
+                    )
+                for make in servers.values():
+                    load(make, 2 * top, top, args.phase_timeout)  # warm-up
                 for c in [1, *clients]:
-                    res = load(make, n, c, args.phase_timeout)
-                    phase(f"Serve, {steps} step, batching {name}, {c} clients", res)
-            handle = serve.get_deployment_handle("Generator", app_name="off")
-            make = handle_client(handle, steps, size)
-            load(make, 8, 1, args.phase_timeout)  # warm-up
-            res = load(make, n, 1, args.phase_timeout)
-            phase(f"Serve Generator handle (no HTTP), {steps} step, batching off, 1 client", res)
-    finally:
-        serve.shutdown()
-        ray.shutdown()
+                    for label, make in servers.items():
+                        phase(f"{label}, {c} clients", load(make, n, c, args.phase_timeout))
+                handle = serve.get_deployment_handle("Generator", app_name="off")
+                make = handle_client(handle, steps, size)
+                load(make, 8, 1, args.phase_timeout)  # warm-up
+                res = load(make, n, 1, args.phase_timeout)
+                phase(f"Serve handle (no HTTP), {steps} step, batching off, 1 client", res)
+        finally:
+            serve.shutdown()
+            ray.shutdown()
 
     text = report(rows, args, checkpoint, steps_list, clients, load_before)
     print(text)
@@ -310,18 +322,19 @@ def report(
         "1-minute load average before/after the run "
         f"{load_before[0]:.1f}/{load_after[0]:.1f} (other jobs share the machine). "
         f"Serve: one generator replica (0.5 CPU, 1 torch thread), max_batch_size "
-        f"{args.max_batch_size}, batch_wait_ms {args.batch_wait_ms}, Ingress -> Generator. "
-        "plain: `python -m nitro_dist.local_app` (serve.py's routes under uvicorn, one process, "
+        f"{args.max_batch_size}, batch_wait_ms {args.batch_wait_ms}, one deployment (HTTP "
+        "routes and model in one replica, behind Serve's proxy). "
+        "plain: `python -m nitro_dist.local_app` (the same routes under uvicorn, one process, "
         "no Ray, one model call at a time, 1 torch thread). direct: the replica's work "
         "(generate + PNG) in this process, 1 thread.",
         "",
-        "| phase | p50 ms | p95 ms | p99 ms | images/s | images per model call |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| phase | p50 ms | p95 ms | p99 ms | images/s | images per model call | load |",
+        "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for name, r in rows:
         lines.append(
             f"| {name} | {r['p50_ms']:.1f} | {r['p95_ms']:.1f} | {r['p99_ms']:.1f} | "
-            f"{r['images_per_s']:.1f} | {r['mean_batch']:.1f} |"
+            f"{r['images_per_s']:.1f} | {r['mean_batch']:.1f} | {r['load1']:.1f} |"
         )
     lines.append("")
     for s in steps_list:
@@ -329,7 +342,7 @@ def report(
         plain1 = by[f"plain, {s} step, 1 clients"]
         on1 = by[f"Serve, {s} step, batching on, 1 clients"]
         off1 = by[f"Serve, {s} step, batching off, 1 clients"]
-        h1 = by[f"Serve Generator handle (no HTTP), {s} step, batching off, 1 client"]["p50_ms"]
+        h1 = by[f"Serve handle (no HTTP), {s} step, batching off, 1 client"]["p50_ms"]
         for label, r in (("batching on", on1), ("batching off", off1)):
             lines.append(
                 f"- {s} step, 1 client, Serve ({label}) vs plain: p50 {r['p50_ms']:.1f} vs "
@@ -347,8 +360,8 @@ def report(
             )
         lines.append(
             f"- {s} step, where Serve's 1-client p50 goes: replica work (direct) {d1:.1f} ms; "
-            f"+ actor hop via the Generator handle {h1 - d1:.1f} ms; + HTTP, proxy and Ingress "
-            f"(and its handle call) {off1['p50_ms'] - h1:.1f} ms; + batching wait "
+            f"+ actor hop via the deployment handle {h1 - d1:.1f} ms; + HTTP through Serve's "
+            f"proxy and FastAPI {off1['p50_ms'] - h1:.1f} ms; + batching wait "
             f"{on1['p50_ms'] - off1['p50_ms']:.1f} ms (batching on vs off; noise when "
             f"batch_wait_ms is 0); plain's HTTP + handlers: {plain1['p50_ms'] - d1:.1f} ms"
         )

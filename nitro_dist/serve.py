@@ -1,4 +1,4 @@
-"""Ray Serve application: the one-step generator behind a FastAPI ingress.
+"""Ray Serve application: the one-step generator and its HTTP API in one deployment.
 
   serve run nitro_dist.serve:app                              # latest digits checkpoint
   serve run nitro_dist.serve:app checkpoint=runs/digits device=cpu max_batch_size=8
@@ -7,66 +7,34 @@
 Endpoints: ``POST /v1/images`` (JSON in; JSON with base64 PNGs or ``image/png`` out),
 ``POST /v1/images/generations`` and ``GET /v1/models`` (OpenAI-compatible: the ``openai`` client
 works against this server), ``GET /healthz``, ``GET /`` (a page to try prompts, and to draw as
-you type over the ``/v1/live`` WebSocket). Two deployments: ``Generator`` (the models, one
-replica per GPU on a cluster, chosen per request by Serve's model multiplexing, dynamic batching
-formed when the model is free (``batch_queue.WhenFree``) and grouped by steps and size,
-optionally compiled and warmed: ``fast_path``) and ``Ingress`` (HTTP, validation, backpressure
-answered with 503).
+you type over the ``/v1/live`` WebSocket); the routes are ``image_app.ImageApp``'s. One
+deployment, ``Generator`` (``ImageServer``): each replica (one per GPU on a cluster) answers HTTP
+itself (validation, PNG/base64, the page; Serve's proxy hands it the request) and holds every
+served model (Serve's model multiplexing loads them), with dynamic batching formed when the
+model is free (``batch_queue.WhenFree``: a model call runs in a worker thread while the event
+loop takes the requests that will form the next batch), grouped by steps and size, optionally
+compiled and warmed (``fast_path``). Overload is answered 503 by Serve's proxy
+(``max_queued_requests``).
 """
 
 import asyncio
-import logging
-import random
-import time
-from collections.abc import Sequence
-from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from fastapi import FastAPI, Request, WebSocket
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse, Response
 from pydantic import ConfigDict, Field
 from ray import serve
-from ray.exceptions import RayActorError
-from ray.serve.exceptions import BackPressureError
-from ray.serve.handle import DeploymentHandle
 
 from nitro_dist.batch_queue import WhenFree
-from nitro_dist.image_api import (
-    MAX_IMAGES,
-    SEED_MAX,
-    ImageRequest,
-    Job,
-    Limits,
-    OpenAIError,
-    Result,
-    b64,
-    model_card,
-    model_name_of,
-    models_list,
-    openai_images_response,
-    openai_job_of,
-    openai_request,
-    png_strip,
-    result_headers,
-    unknown_model,
-)
-from nitro_dist.live import LiveStats, authorized, live_session
-from nitro_dist.serve_limits import (
-    HTTPLimits,
-    LimitArgs,
-    OutOfMemory,
-    PixelBudget,
-    RequestGuard,
-    install,
-)
-from nitro_dist.serve_limits import active as active_limits
+from nitro_dist.image_api import MAX_IMAGES, Job, Result, model_name_of
+from nitro_dist.image_app import ImageApp, api
+from nitro_dist.serve_limits import HTTPLimits, LimitArgs, OutOfMemory
 from nitro_dist.served_model import parse_models, parse_sizes
 
 if TYPE_CHECKING:
     from nitro_dist.fast_path import FastPath
     from nitro_dist.served_model import ServedModel
+
+__all__ = ["APP_ARGS", "AppArgs", "ImageServer", "api", "app", "resolve_checkpoint"]
 
 
 class AppArgs(LimitArgs):
@@ -94,11 +62,16 @@ class AppArgs(LimitArgs):
     dtype: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         default="auto", description="auto: bf16 on cuda, fp32 on cpu"
     )
-    max_ongoing_requests: int = Field(default=16, ge=1, description="per generator replica")
+    max_ongoing_requests: int = Field(
+        default=16,
+        ge=1,
+        description="requests in a replica at once (HTTP requests and open /v1/live sockets; "
+        "a model call takes up to max_batch_size of them)",
+    )
     max_queued_requests: int = Field(
         default=32, ge=1, description="waiting requests per caller before answering 503"
     )
-    num_cpus: float = Field(default=0.5, gt=0, description="CPUs per generator replica")
+    num_cpus: float = Field(default=0.5, gt=0, description="CPUs per replica (device=cpu)")
     use_ema: bool = True
     model_name: str = Field(
         default="",
@@ -157,11 +130,14 @@ def resolve_checkpoint(spec: str) -> str:
 
 
 @serve.deployment(name="Generator")
-class GeneratorReplica:
-    """The models (``served_model.ServedModel``; Serve multiplexing picks the replica and the
-    model per request). ``generate`` is batched by ``WhenFree`` (a batch per model, taken when
-    the model is free); one model call per (steps, size) group. Every model is loaded (and on
-    the fast path compiled and warmed) before the replica reports healthy."""
+@serve.ingress(api)
+class ImageServer(ImageApp):
+    """One replica: the HTTP routes (``ImageApp``) and the models (``served_model.ServedModel``;
+    every replica loads every model through Serve's multiplexing). Requests are batched by
+    ``WhenFree`` (a batch per model, taken when the model is free), one model call per (steps,
+    size) group in a worker thread, so the event loop keeps taking requests during a call.
+    Every model is loaded (and on the fast path compiled and warmed) before the replica reports
+    healthy."""
 
     async def __init__(  # type: ignore[misc]  # Serve awaits an async constructor
         self,
@@ -171,15 +147,15 @@ class GeneratorReplica:
         max_batch_size: int,
         batch_wait_ms: float,
         limit_args: LimitArgs,
+        http: HTTPLimits,
         use_ema: bool = True,
         fast: dict | None = None,
         sizes_hw: list[tuple[int, int]] | None = None,
     ) -> None:
         from nitro_dist.fast_path import FastPath
 
-        self.models = models
-        self.default = next(iter(models))
-        self.limit_args = limit_args
+        ImageApp.__init__(self, list(models), limit_args, http)
+        self.checkpoints = models
         self.load_args: dict[str, Any] = {
             "device": device,
             "dtype": dtype,
@@ -200,262 +176,38 @@ class GeneratorReplica:
         from nitro_dist.remote import local_checkpoint
         from nitro_dist.served_model import load_model
 
-        local = local_checkpoint(self.models[name])
+        local = local_checkpoint(self.checkpoints[name])
         return await asyncio.to_thread(load_model, name, local, **self.load_args)
 
-    async def _model(self) -> "ServedModel":
-        return await self.get_model(serve.get_multiplexed_model_id() or self.default)
+    async def model(self, name: str) -> "ServedModel":
+        return await self.get_model(name)
 
-    def _budget(self, m: "ServedModel") -> PixelBudget:
-        return PixelBudget.resolve(self.limit_args, m.limits)
+    def requested(self, model: str | None) -> str:
+        """The body's ``model``, else Serve's ``serve_multiplexed_model_id`` header (which
+        Serve's proxy also routes by), else the default model."""
+        return model or serve.get_multiplexed_model_id() or self.model_name
 
-    async def info(self) -> dict[str, Any]:
-        m = await self._model()
-        budget = self._budget(m)
-        out = {**m.info(), "checkpoint": self.models[m.name]}  # as given (an s3:// URL, say)
-        return {
-            **out,
-            "max_batch_size": self.max_batch_size,
-            "budgets": {
-                "max_request_pixels": budget.max_request_pixels,
-                "max_call_pixels": budget.max_call_pixels,
-            },
-        }
+    async def info(self, model: str | None = None) -> dict[str, Any]:
+        # the checkpoint as given (an s3:// URL, say), not the replica's local copy
+        out = await ImageApp.info(self, model)
+        return {**out, "checkpoint": self.checkpoints[out["model"]]}
+
+    async def submit(self, job: Job) -> Result | OutOfMemory:
+        return await self.batches.submit(job.model, job)
 
     async def generate(self, job: Job) -> Result | OutOfMemory:
-        return await self.batches.submit(serve.get_multiplexed_model_id() or self.default, job)
+        """A job from a deployment handle (no HTTP; ``benchmarks/serve_load.py`` times it)."""
+        job.model = self.requested(job.model)
+        return await self.submit(job)
 
     async def _run(self, name: str, jobs: list[Job]) -> list[Result | OutOfMemory]:
         """One batch of one model's jobs (``WhenFree`` never mixes models)."""
         from nitro_dist.serve_limits import run_jobs_guarded
 
         m = await self.get_model(name)
-        # in a thread: the replica keeps answering health checks and queueing while it computes;
-        # calls cut to the pixel budget; out of memory answers OutOfMemory for the jobs it hit
-        return await asyncio.to_thread(run_jobs_guarded, m.gen, jobs, self._budget(m))
-
-
-api = FastAPI(title="nitro_dist", description="One-step text-to-image (NitroFusion)")
-# docs, API key, body size and read time, request timeout: the limits the Ingress installs
-api.add_middleware(RequestGuard)
-
-
-def _field(loc: tuple) -> str:
-    parts = [str(p) for p in loc if p != "body"]
-    return ".".join(parts) or "body"
-
-
-@api.exception_handler(RequestValidationError)
-async def _bad_request(request: Request, exc: RequestValidationError) -> JSONResponse:
-    """4xx naming the field: 400 for a body that is not JSON, 422 for JSON that breaks the
-    schema (unknown field, value out of range, missing prompt...)."""
-    errors = exc.errors()
-    first: dict[str, Any] = errors[0] if errors else {"loc": ("body",), "msg": "invalid request"}
-    if first.get("type") == "json_invalid":
-        why = (first.get("ctx") or {}).get("error", "")
-        return JSONResponse(
-            {"error": f"body: malformed JSON ({why})", "field": "body"}, status_code=400
-        )
-    field = _field(tuple(first.get("loc", ())))
-    msg = first.get("msg", "invalid")
-    if first.get("type") == "extra_forbidden":
-        msg = f"unknown field (allowed: {', '.join(ImageRequest.model_fields)})"
-    return JSONResponse(
-        {"error": f"{field}: {msg}", "field": field, "detail": _plain(errors)}, status_code=422
-    )
-
-
-def _plain(errors: Sequence[dict]) -> list[dict]:
-    return [
-        {"loc": list(e.get("loc", ())), "msg": e.get("msg"), "type": e.get("type")} for e in errors
-    ]
-
-
-class Unavailable(Exception):
-    """No generator could take the request now: answered 503 with ``Retry-After``."""
-
-    def __init__(self, message: str, retry_after: str) -> None:
-        super().__init__(message)
-        self.message = message
-        self.retry_after = retry_after
-
-
-def _page() -> str:
-    return resources.files("nitro_dist").joinpath("web/index.html").read_text()
-
-
-@serve.deployment(name="Ingress")
-@serve.ingress(api)
-class Ingress:
-    def __init__(
-        self, generator: DeploymentHandle, model_names: list[str], http: HTTPLimits
-    ) -> None:
-        install(http)
-        self.generator = generator
-        self.model_names = list(model_names)
-        self.model_name = self.model_names[0]  # the default model
-        self.created = int(time.time())  # OpenAI's Model.created: when this app came up
-        self._info: dict[str, dict] = {}
-        self.live = LiveStats()  # draw-as-you-type sessions of this ingress replica
-
-    def _handle(self, model: str) -> DeploymentHandle:
-        """The generator, routed by Serve's model multiplexing to a replica holding ``model``."""
-        return self.generator.options(multiplexed_model_id=model)
-
-    def _unknown(self, model: str | None) -> JSONResponse | None:
-        """422 naming the field and listing the served models, for a model not served here."""
-        if model is None or model in self.model_names:
-            return None
-        served = ", ".join(self.model_names)
-        return JSONResponse(
-            {
-                "error": f"model: {model!r} is not served here; known models: {served}",
-                "field": "model",
-                "models": self.model_names,
-            },
-            status_code=422,
-        )
-
-    async def _model_info(self, model: str | None = None) -> dict:
-        name = model or self.model_name
-        if name not in self._info:
-            self._info[name] = await self._handle(name).info.remote()
-        return self._info[name]
-
-    async def _generate(self, job: Job) -> Result:
-        try:
-            result = await self._handle(job.model or self.model_name).generate.remote(job)
-        except BackPressureError as e:
-            raise Unavailable(f"server busy, retry shortly ({e})", "1") from e
-        except RayActorError as e:  # also ActorDiedError, ActorUnavailableError
-            # the replica died under this request; Serve is starting a new one
-            raise Unavailable(
-                f"generator replica restarting, retry shortly ({type(e).__name__})", "5"
-            ) from e
-        if isinstance(result, OutOfMemory):
-            raise Unavailable(result.message, result.retry_after)
-        return result
-
-    async def _budget(self, model: str | None = None) -> PixelBudget:
-        return PixelBudget(**(await self._model_info(model))["budgets"])
-
-    @api.get("/", response_class=HTMLResponse)
-    async def page(self) -> str:
-        return _page()
-
-    @api.get("/healthz")
-    async def healthz(self) -> JSONResponse:
-        """Live: asks a generator replica each time (the cached limits would outlive it). Says
-        what a client may ask for, nothing of the internals (paths, devices, errors)."""
-        try:
-            info = await asyncio.wait_for(self._handle(self.model_name).info.remote(), timeout=10)
-        except BackPressureError:
-            return JSONResponse({"status": "busy"}, status_code=503, headers={"Retry-After": "1"})
-        except Exception as e:  # not up yet, restarting, or gone: say so, don't crash
-            logging.getLogger(__name__).warning("health check: generator unavailable: %r", e)
-            return JSONResponse(
-                {"status": "unavailable"}, status_code=503, headers={"Retry-After": "5"}
-            )
-        self._info[self.model_name] = info
-        public = {k: info[k] for k in ("limits", "budgets")}
-        extra = {"models": self.model_names, "live": self.live.__dict__}
-        return JSONResponse({"status": "ok", "model": self.model_name, **public, **extra})
-
-    @api.post("/v1/images")
-    async def images(self, req: ImageRequest) -> Response:
-        if (unknown := self._unknown(req.model)) is not None:
-            return unknown
-        limits = Limits(**(await self._model_info(req.model))["limits"])
-        try:
-            height = limits.check_side("height", req.height)
-            width = limits.check_side("width", req.width)
-            limits.check_size(height, width)
-            budget = await self._budget(req.model)
-            budget.check_request(req.num_images, height, width, "num_images")
-        except ValueError as e:
-            field = str(e).split(":", 1)[0]
-            return JSONResponse({"error": str(e), "field": field}, status_code=422)
-        seed = req.seed if req.seed is not None else random.randint(0, SEED_MAX - req.num_images)
-        if seed + req.num_images - 1 > SEED_MAX:
-            return JSONResponse(
-                {"error": f"seed: seed + num_images - 1 must be <= {SEED_MAX}", "field": "seed"},
-                status_code=422,
-            )
-        job = Job(req.prompt, req.steps, seed, req.num_images, height, width, req.model or "")
-        try:
-            result = await self._generate(job)
-        except Unavailable as e:
-            return JSONResponse(
-                {"error": e.message}, status_code=503, headers={"Retry-After": e.retry_after}
-            )
-        headers = result_headers(result, req.steps, limits.max_tokens)
-        if req.format == "png":
-            png = result.pngs[0] if len(result.pngs) == 1 else png_strip(result.pngs)
-            return Response(content=png, media_type="image/png", headers=headers)
-        body = {
-            "images": [b64(p) for p in result.pngs],
-            "seeds": result.seeds,
-            "steps": req.steps,
-            "height": height,
-            "width": width,
-            "prompt_tokens": result.prompt_tokens,
-            "truncated": result.truncated,
-        }
-        return JSONResponse(body, headers=headers)
-
-    @api.post("/v1/images/generations")
-    async def openai_images(self, request: Request) -> JSONResponse:
-        """OpenAI's images API over the same generator: the same seed gives the same image as
-        ``/v1/images``; errors in OpenAI's shape (400 naming the parameter)."""
-        try:
-            req = openai_request(await request.body(), self.model_names)
-            limits = Limits(**(await self._model_info(req.model))["limits"])
-            job = openai_job_of(req, limits, random.randint(0, SEED_MAX - MAX_IMAGES))
-            try:
-                budget = await self._budget(req.model)
-                budget.check_request(job.num_images, job.height, job.width, "n")
-            except ValueError as e:
-                raise OpenAIError(400, str(e), "n") from None
-            result = await self._generate(job)
-        except OpenAIError as e:
-            return JSONResponse(e.body(), status_code=e.status)
-        except Unavailable as e:
-            err = OpenAIError(503, e.message, type="server_error")
-            return JSONResponse(err.body(), status_code=503, headers={"Retry-After": e.retry_after})
-        return JSONResponse(
-            openai_images_response(result, job, int(time.time())),
-            headers=result_headers(result, job.steps, limits.max_tokens),
-        )
-
-    @api.get("/v1/models")
-    async def openai_models(self) -> JSONResponse:
-        return JSONResponse(models_list(self.model_names, self.created))
-
-    @api.get("/v1/models/{model:path}")  # a name given with model_name may hold "/"
-    async def openai_model(self, model: str) -> JSONResponse:
-        if model not in self.model_names:
-            err = unknown_model(model, self.model_names)
-            return JSONResponse(err.body(), status_code=err.status)
-        return JSONResponse(model_card(model, self.created))
-
-    @api.websocket("/v1/live")
-    async def live_socket(self, websocket: WebSocket) -> None:
-        """Draw as you type: each message a prompt, the newest one of a client always wins."""
-        if not authorized(websocket.headers, active_limits().api_key_sha256):
-            await websocket.close(code=1008, reason="authorization: send 'Bearer KEY'")
-            return
-        await live_session(websocket, self._live_image, self.live)
-
-    async def _live_image(self, prompt: str, seed: int, steps: int, model: str | None) -> bytes:
-        """One image for the live page, through the same checks and generator as /v1/images."""
-        if model is not None and model not in self.model_names:
-            raise ValueError(f"model: {model!r} is not served; known models: {self.model_names}")
-        native = Limits(**(await self._model_info(model))["limits"]).native
-        job = Job(prompt, steps, seed, 1, native, native, model or "")
-        try:
-            return (await self._generate(job)).pngs[0]
-        except Unavailable as e:
-            raise ValueError(e.message) from e
+        # in a thread: the replica keeps answering HTTP, health checks and queueing while it
+        # computes; calls cut to the pixel budget; out of memory answers OutOfMemory per job
+        return await asyncio.to_thread(run_jobs_guarded, m.gen, jobs, self.budget(m))
 
 
 def _device(device: str) -> str:
@@ -489,7 +241,7 @@ def app(args: dict) -> serve.Application:
             }
         }
     # serve.deployment made the class a Deployment; mypy does not apply class decorators
-    generator = GeneratorReplica.options(  # type: ignore[attr-defined]
+    return ImageServer.options(  # type: ignore[attr-defined]
         ray_actor_options=actor,
         max_ongoing_requests=a.max_ongoing_requests,
         max_queued_requests=a.max_queued_requests,
@@ -501,17 +253,11 @@ def app(args: dict) -> serve.Application:
         a.max_batch_size,
         a.batch_wait_ms,
         LimitArgs(**_limits(a)),
+        http,
         a.use_ema,
         fast.__dict__,
         parse_sizes(a.sizes),
     )
-    # the ingress holds no model: a sliver of CPU, and room for everything the generators hold
-    ingress_cap = a.max_ongoing_requests * (a.max_replicas if a.replicas == "auto" else a.replicas)
-    return Ingress.options(  # type: ignore[attr-defined]  # a Deployment, as above
-        ray_actor_options={"num_cpus": 0.1},
-        max_ongoing_requests=ingress_cap + a.max_queued_requests,
-        max_queued_requests=a.max_queued_requests,
-    ).bind(generator, list(models), http)
 
 
 def _limits(a: AppArgs) -> dict[str, Any]:

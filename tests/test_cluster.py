@@ -241,7 +241,7 @@ def test_serve_apps_reference_the_serve_module_and_its_arguments():
             assert app["args"]["device"] == "cuda" and app["args"]["dtype"] == "bf16", where
             assert "PLACEHOLDER" in app["args"]["checkpoint"], where
             deployments = {d["name"]: d for d in app.get("deployments", [])}
-            assert set(deployments) <= {"Generator", "Ingress"}, where
+            assert set(deployments) <= {"Generator"}, where  # the one deployment
             assert deployments["Generator"]["ray_actor_options"]["num_gpus"] >= 1, where
             apps.append((module_name, attr, app))
     # serve_config.yaml and the RayService deploy the same application

@@ -1,6 +1,6 @@
 """Draw as you type, without a browser or Ray: the per-connection newest-wins slot, the served
 models list / unknown model answers, and the WebSocket protocol over serve.py's own routes
-(``local_app``: the Ingress handlers over in-process models)."""
+(``local_app``: image_app.ImageApp's routes over in-process models)."""
 
 import asyncio
 import json

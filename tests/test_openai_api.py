@@ -162,7 +162,7 @@ def test_model_is_named_after_the_run():
 
 def openai_client() -> openai.OpenAI:
     """The real ``openai`` client; its HTTP requests are answered in-process by the functions
-    ``nitro_dist.serve.Ingress`` calls (the routing there is these few lines over Ray)."""
+    ``nitro_dist.image_app.ImageApp`` calls."""
 
     def answer(request: httpx2.Request) -> httpx2.Response:
         path = request.url.path

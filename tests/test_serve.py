@@ -215,7 +215,7 @@ def test_overload_burst_gets_503_and_no_other_5xx(base_url):
     statuses = [s for s, _, _ in results]
     assert set(statuses) <= {200, 503}, statuses
     assert statuses.count(503) >= 1 and statuses.count(200) >= 1, statuses
-    for status, _, out in results:  # from the ingress (busy) or Serve's proxy (backpressure)
+    for status, _, out in results:  # 503s come from Serve's proxy (backpressure)
         assert status == 200 or b"busy" in out or b"backpressure" in out, out
     assert post(f"{base_url}/busy/v1/images", body)[0] == 200  # and it recovers
 
@@ -421,7 +421,7 @@ def test_web_page_makes_an_image_in_headless_chromium(base_url):
 
 @pytest.fixture(scope="module")
 def local_url(run_dir):
-    """serve.py's routes (the Ingress handlers) under plain uvicorn on 127.0.0.1, over the
+    """the app's routes (image_app.ImageApp) under plain uvicorn on 127.0.0.1, over the
     digits checkpoint loaded in this process: the browser tests need no Ray."""
     import threading
 
