@@ -61,8 +61,12 @@ def head(tmp_path):
         "--block",
     ]
     script = "\n".join(["set -e", *setup, f"exec {start} {shlex.join(apart)}"])
-    proc = subprocess.Popen(
-        ["bash", "-c", script], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    proc = subprocess.Popen(  # a process group of its own: stop_cluster ends all of it
+        ["bash", "-c", script],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
     )
     try:
         wait_for_dashboard(dash, proc)
@@ -70,12 +74,25 @@ def head(tmp_path):
         env["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{dash}"  # the README's default port
         yield env, "\n".join(["set -e", *setup, submit])
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=30)
+        stop_cluster(proc)
+
+
+def stop_cluster(proc: subprocess.Popen, grace_s: float = 5) -> None:
+    """`ray start --block` stops its cluster's processes on SIGTERM, one graceful timeout after
+    another (~30 s); they share the process group ``head`` gave it, so whatever is left after
+    ``grace_s`` is killed as a group: this cluster's processes and nothing else."""
+    import signal
+
+    proc.terminate()
+    try:
+        proc.wait(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        pass
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)  # the group outlives its leader
+    except ProcessLookupError:
+        pass
+    proc.wait(timeout=30)
 
 
 def wait_for_dashboard(port: int, proc: subprocess.Popen, timeout_s: float = 120) -> None:
