@@ -1,11 +1,12 @@
 """Training through Ray Train on the session's Ray cluster of two nodes (CPU, gloo, DeepSpeed
-ZeRO 0-3); the W=2 runs spread their ranks over both nodes.
+ZeRO 1-3); the W=2 runs spread their ranks over both nodes.
 
 Every run trains the tiny config for 4 iterations from the same seed and global batch, so they
-must all end with the same generator and the same pool (tolerance ATOL, fp32): the reference is
-one process with plain torch (no Ray, no DeepSpeed), the Ray runs W=2 under ZeRO stages 1/2/3, a run split by a checkpoint, a run whose worker is killed at an injected
-iteration and restarted by Ray, and an elastic run (num_workers [1, 2], storage on S3) that
-resumes the split run's W=2 checkpoint, loses a node mid-run and ends on the remaining worker.
+must all end with the same generator and the same pool (tolerance ATOL, fp32) as the reference,
+one process with plain torch (no Ray, no DeepSpeed): W=2 under ZeRO stages 1/2/3, a run split by
+a checkpoint, a run whose worker is killed at an injected iteration and restarted by Ray, and an
+elastic run (num_workers [1, 2], storage on S3) that resumes the split run's W=2 checkpoint,
+loses a node mid-run and ends on the remaining worker.
 """
 
 import json
