@@ -9,6 +9,7 @@ in a one-rank gloo group."""
 import copy
 import dataclasses
 import json
+import os
 
 import pytest
 import torch
@@ -175,14 +176,20 @@ def one_rank_group():
 
     from nitro_dist.distributed.parallel import init_process_group
 
-    with pytest.MonkeyPatch.context() as mp:
-        for k in ("MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE"):
-            mp.delenv(k, raising=False)  # init_process_group sets them: put back afterwards
-        init_process_group(torch.device("cpu"))
-        try:
-            yield build_sdxl_from_configs(SMALL_UNET, tiny.TINY_SDXL_TEXT_ENCODERS, None)
-        finally:
-            dist.destroy_process_group()
+    # init_process_group sets the launcher's variables: put back afterwards (unset ones unset),
+    # or later tests' processes would inherit this group's port, which DeepSpeed keeps bound
+    keys = ("MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE")
+    saved = {k: os.environ.pop(k, None) for k in keys}
+    init_process_group(torch.device("cpu"))
+    try:
+        yield build_sdxl_from_configs(SMALL_UNET, tiny.TINY_SDXL_TEXT_ENCODERS, None)
+    finally:
+        dist.destroy_process_group()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def _deepspeed_run(cfg, models, resume=None):

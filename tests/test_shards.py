@@ -122,8 +122,9 @@ def test_a_loader_dropped_mid_epoch_stops_its_workers_at_once(digits_shards):
     start = time.monotonic()
     del loader
     gc.collect()
-    assert time.monotonic() - start < 2.0
-    assert [w.exitcode for w in workers] == [0, 0]
+    # under one join timeout (5 s; the prompt path: 0.3 s alone, 2.3 s in the loaded full suite)
+    assert time.monotonic() - start < 5.0
+    assert [w.exitcode for w in workers] == [0, 0]  # they stopped themselves: not killed
 
 
 def _tar_bytes(samples):
