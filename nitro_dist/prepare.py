@@ -119,15 +119,15 @@ def prepare(
     meta = {"kind": "pairs", "teacher": to_dict(cfg.teacher), "model": to_dict(cfg.model)}
     done = finished_shards(out, meta)
     pending = [it for it in items if it["name"] not in done]
-    rows = [{"name": n, "count": c, "skipped": True} for n, c in done.items()]
+    rows = [(name, count, True) for name, count in done.items()]  # (name, count, skipped)
     if pending:  # a rerun of a finished job starts no teacher actor
         rows += pair_rows(
             cfg, out, pending, actors, cpus_per_actor, gpus_per_actor, batch_size, caption_key
         )
-    rows.sort(key=lambda r: r["name"])
-    manifest = write_manifest(out, [r["name"] for r in rows], [int(r["count"]) for r in rows], meta)
-    manifest["written"] = sum(not r["skipped"] for r in rows)
-    manifest["skipped"] = sum(bool(r["skipped"]) for r in rows)
+    rows.sort()
+    manifest = write_manifest(out, [r[0] for r in rows], [r[1] for r in rows], meta)
+    manifest["written"] = sum(not r[2] for r in rows)
+    manifest["skipped"] = sum(r[2] for r in rows)
     return manifest
 
 
@@ -160,8 +160,9 @@ def pair_rows(
     gpus_per_actor: float,
     batch_size: int,
     caption_key: str,
-) -> list[dict]:
-    """The Ray Data job over ``items`` (prompt shard -> pair shard): one row per shard."""
+) -> list[tuple[str, int, bool]]:
+    """The Ray Data job over ``items`` (prompt shard -> pair shard): (name, count, skipped) per
+    shard."""
     import ray
 
     ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
@@ -177,10 +178,7 @@ def pair_rows(
         num_cpus=cpus_per_actor,
         num_gpus=gpus_per_actor,
     )
-    return [
-        {"name": str(r["name"]), "count": int(r["count"]), "skipped": bool(r["skipped"])}
-        for r in ds.take_all()
-    ]
+    return [(str(r["name"]), int(r["count"]), bool(r["skipped"])) for r in ds.take_all()]
 
 
 def main(argv: list[str] | None = None) -> int:
