@@ -140,6 +140,9 @@ class PoolConfig:
 class LossConfig:
     type: Literal["hinge", "non_saturating"] = "hinge"
     g_weight: float = 1.0
+    # G's loss adds regression_weight x the paired regression of its 1-step samples (k = 1) onto
+    # the teacher's x0 from the same x_T (step.paired_k1_loss; metric g_regression_k1); 0 = off
+    regression_weight: float = 0.0
 
 
 @dataclass(kw_only=True)
@@ -568,6 +571,7 @@ def validate(cfg: Config) -> None:
     need(len(p.betas) == 2, "pool.betas", "needs two values")
     need(len(cfg.optim.betas) == 2, "optim.betas", "needs two values")
     need(cfg.optim.lr > 0, "optim.lr", "must be > 0")
+    need(cfg.loss.regression_weight >= 0, "loss.regression_weight", "must be >= 0 (0 = off)")
     need(p.lr > 0, "pool.lr", "must be > 0")
     need(0.0 <= cfg.optim.ema_decay < 1.0, "optim.ema_decay", "must be in [0, 1)")
     need(cfg.optim.d_steps_per_g_step >= 1, "optim.d_steps_per_g_step", "must be >= 1")

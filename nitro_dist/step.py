@@ -174,9 +174,21 @@ def _needs_uncond(heads: dict[int, Head], layout: PoolLayout) -> bool:
 
 @dataclass
 class GTurn:
-    loss: torch.Tensor
+    loss: torch.Tensor  # adversarial
     x0_fake: torch.Tensor  # detached
     feats_fake: tuple[list[torch.Tensor], list[torch.Tensor] | None]  # detached, reused by D
+    regression: torch.Tensor  # paired_k1_loss of the (micro-)batch, with grad into G
+
+
+def paired_k1_loss(x0_fake: torch.Tensor, x0_real: torch.Tensor, k_B: torch.Tensor) -> torch.Tensor:
+    """Paired regression on the 1-step samples: sum over samples with k = 1 of
+    ‖x0_fake − x0_teacher‖² / (C·H·W), divided by the batch size (all samples), so micro-batches
+    and ranks add up to the global batch's figure. For k = 1, x0_fake is the student's 1-step
+    sample from the same x_T as the teacher's x0; for k > 1 the teacher's x0 is no longer
+    determined by the re-noised input (init_stage.py), so those samples are left out."""
+    one = (k_B == 1).to(device=x0_fake.device, dtype=torch.float32)
+    per = ((x0_fake.float() - x0_real.to(x0_fake).float()) ** 2).flatten(1).mean(1)
+    return (per * one).sum() / len(per)
 
 
 def generator_turn(
@@ -194,7 +206,9 @@ def generator_turn(
     timer: Timer = NO_TIMER,
 ) -> GTurn:
     """G turn: x0_fake = G(x_{t_k}); noised to t* with eps; backbone with grad; heads frozen
-    (the caller sets requires_grad False on them). Returns the loss to backpropagate into G."""
+    (the caller sets requires_grad False on them). Returns G's adversarial loss and its paired
+    regression on the 1-step samples (``paired_k1_loss``); the caller weights them
+    (loss.g_weight, loss.regression_weight) and backpropagates."""
     with timer("g_backsim"):
         x_t, t_B = backward_simulation(student, denoiser, batch, noise)
     with timer("g_forward"):
@@ -214,8 +228,9 @@ def generator_turn(
     with timer("heads"):
         scores = judge(heads, layout, fc, fu, noise.crops)
         loss = losses.g_loss(scores, loss_type)
+    reg = paired_k1_loss(x0_fake, batch.x0_real, noise.k_B)
     detached = ([f.detach() for f in fc], None if fu is None else [f.detach() for f in fu])
-    return GTurn(loss, x0_fake.detach(), detached)
+    return GTurn(loss, x0_fake.detach(), detached, reg)
 
 
 @dataclass
@@ -402,7 +417,7 @@ def _train_step(run: Run, iteration: int, timer: Timer) -> dict[str, float]:
     for h in heads.values():
         h.requires_grad_(False)
     poison = iteration in cfg.distributed.nan_at_iterations and rank == cfg.distributed.fail_rank
-    g_loss, feats_fake = 0.0, []
+    g_loss, g_regression, feats_fake = 0.0, 0.0, []
     for sl in micro:
         g = generator_turn(
             run.g.module,
@@ -417,9 +432,13 @@ def _train_step(run: Run, iteration: int, timer: Timer) -> dict[str, float]:
             activation_checkpointing=cfg.model.gradient_checkpointing,
             timer=timer,
         )
+        g_regression += g.regression.item() / len(micro)
         loss = g.loss * float("nan") if poison else g.loss  # fault injection (tests, drills)
+        total = cfg.loss.g_weight * loss
+        if cfg.loss.regression_weight > 0:
+            total = total + cfg.loss.regression_weight * g.regression
         with timer("g_backward"):
-            run.g.backward(cfg.loss.g_weight * loss)
+            run.g.backward(total)
             g_loss += loss.item() / len(micro)
         feats_fake.append(g.feats_fake)
     # D turn: backbone under no_grad (features reused from the G turn for fakes). It does not
@@ -485,6 +504,7 @@ def _train_step(run: Run, iteration: int, timer: Timer) -> dict[str, float]:
             )
     return {
         "g_loss": g_loss,
+        "g_regression_k1": g_regression,
         "d_loss": d_loss,
         "d_acc_real": acc_real,
         "d_acc_fake": acc_fake,

@@ -144,7 +144,11 @@ VALIDATE_CASES = {
         (["pool.state_bits=16"], "pool.state_bits"),
         (["pool.state_bits=8", "pool.fused=true"], "pool.state_bits"),
     ],
-    "loss": [(["loss.type=wgan"], "loss.type"), (["loss.g_weight=x"], "loss.g_weight")],
+    "loss": [
+        (["loss.type=wgan"], "loss.type"),
+        (["loss.g_weight=x"], "loss.g_weight"),
+        (["loss.regression_weight=-1"], "loss.regression_weight"),
+    ],
     "optim": [
         (["optim.lr=0"], "optim.lr"),
         (["optim.betas=[0.9]"], "optim.betas"),

@@ -184,6 +184,7 @@ KEYS: dict[str, Case] = {
     # loss
     "loss.type": Case("non_saturating", "step", "metrics"),
     "loss.g_weight": Case(2.0, "step", "metrics"),  # g_grad_norm: before clipping
+    "loss.regression_weight": Case(1.0, "step", "metrics"),  # g_loss, g_grad_norm
     # optim
     "optim.lr": Case(1e-3, "run", "g_optimizer"),
     "optim.betas": Case([0.5, 0.9], "run", "g_optimizer"),

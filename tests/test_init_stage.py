@@ -6,13 +6,25 @@ import torch
 from nitro_dist.build import build_run
 from nitro_dist.diffusion import TeacherSampler, seeded_noise
 from nitro_dist.init_stage import INIT_BATCH_OFFSET, one_step_init, regression_loss
-from nitro_dist.step import make_batch
+from nitro_dist.step import make_batch, paired_k1_loss
 
 
 def test_regression_loss_is_the_mean_squared_error():
     a, b = torch.randn(3, 1, 4, 4), torch.randn(3, 1, 4, 4)
     want = sum(float(((a[i] - b[i]) ** 2).sum()) for i in range(3)) / a.numel()
     assert regression_loss(a, b).item() == pytest.approx(want, rel=1e-6)
+
+
+def test_paired_k1_loss_counts_only_one_step_samples_over_the_whole_batch():
+    """The GAN stage's paired regression (loss.regression_weight): the k = 1 samples' squared
+    error summed, divided by all samples, so two halves add up to the whole batch's figure."""
+    a, b = torch.randn(4, 1, 4, 4), torch.randn(4, 1, 4, 4)
+    k_B = torch.tensor([1, 2, 1, 4])
+    want = (regression_loss(a[0], b[0]) + regression_loss(a[2], b[2])).item() / 4
+    assert paired_k1_loss(a, b, k_B).item() == pytest.approx(want, rel=1e-6)
+    halves = paired_k1_loss(a[:2], b[:2], k_B[:2]) / 2 + paired_k1_loss(a[2:], b[2:], k_B[2:]) / 2
+    assert halves.item() == pytest.approx(want, rel=1e-6)
+    assert paired_k1_loss(a, b, torch.tensor([2, 3, 4, 2])).item() == 0.0
 
 
 def test_stage_fits_the_teacher_pairs_and_starts_the_ema_there(tiny_cfg):
