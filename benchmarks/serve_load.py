@@ -42,6 +42,11 @@ from typing import Any
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+# Ray Serve settings of the local cluster this script starts (its processes inherit this
+# environment), from --serve-env KEY=VALUE and --direct-ingress; none by default. The replica's
+# own setting (user code on its main loop) is the app's default (``nitro_dist.serve.REPLICA_ENV``).
+SERVE_ENV: dict[str, str] = {}
+
 PROMPTS = [f"a handwritten digit {w}" for w in "zero one two three four five six seven".split()]
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -200,6 +205,28 @@ def load(make: Callable[[], Callable[[int], tuple]], n: int, conc: int, timeout:
     return out
 
 
+def direct_ingress_ports(apps: list[str], timeout: float = 60.0) -> dict[str, int]:
+    """{app: port} of the replicas' own HTTP servers under Serve's direct ingress
+    (``RAY_SERVE_ENABLE_DIRECT_INGRESS=1``: each ingress replica listens on a port of 30000-31000
+    that the controller allocates, and answers ``/-/routes`` with its route prefix and app)."""
+    found: dict[str, int] = {}
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for port in range(30000, 30064):
+            try:
+                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=1)
+                conn.request("GET", "/-/routes")
+                r = conn.getresponse()
+                if r.status == 200:
+                    found.update({name: port for name in json.loads(r.read()).values()})
+            except (OSError, ValueError):
+                continue
+        if set(apps) <= set(found):
+            return found
+        time.sleep(1)
+    raise TimeoutError(f"direct ingress: no replica port for {set(apps) - set(found)} found")
+
+
 def handle_client(handle: Any, steps: int, size: int) -> Callable[[], Callable[[int], tuple]]:
     """The deployment's handle (``ImageServer.generate``) called from this process: Serve's
     actor hop and the replica's batch queue, without HTTP, the proxy or FastAPI."""
@@ -226,12 +253,34 @@ def main() -> int:
     ap.add_argument("--max-batch-size", type=int, default=8)
     ap.add_argument("--batch-wait-ms", type=float, default=0.0)
     ap.add_argument("--phase-timeout", type=float, default=120.0)
+    ap.add_argument(
+        "--serve-env",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a Ray Serve environment setting of the local cluster (e.g. "
+        "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP=0); repeatable",
+    )
+    ap.add_argument(
+        "--direct-ingress",
+        action="store_true",
+        help="RAY_SERVE_ENABLE_DIRECT_INGRESS=1 (experimental in Ray): the replica takes HTTP on "
+        "a port of its own; adds rows of clients sent there, past Serve's proxy",
+    )
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/serve_load.md"))
     args = ap.parse_args()
     # this checkout's nitro_dist, here and in the Ray workers this script starts (not another
     # checkout's installed in the environment: a worktree's would be measured with main's code)
     sys.path.insert(0, str(ROOT))
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.getenv("PYTHONPATH")]))
+    for kv in args.serve_env:
+        key, sep, value = kv.partition("=")
+        if not sep or not key.startswith("RAY_SERVE_"):
+            ap.error(f"--serve-env: {kv!r} is not RAY_SERVE_...=VALUE")
+        SERVE_ENV[key] = value
+    if args.direct_ingress:
+        SERVE_ENV["RAY_SERVE_ENABLE_DIRECT_INGRESS"] = "1"
+    os.environ.update(SERVE_ENV)  # before Ray starts: its processes inherit it
     clients = [int(c) for c in args.clients.split(",")]
     steps_list = [int(c) for c in args.steps.split(",")]
     checkpoint = checkpoint_or_make(args.checkpoint)
@@ -282,6 +331,11 @@ def main() -> int:
                     servers[f"Serve, {steps} step, batching {name}"] = http_client(
                         port, f"/{name}", steps
                     )
+                if args.direct_ingress:
+                    di_port = direct_ingress_ports(["on"])["on"]
+                    servers[f"Serve direct ingress, {steps} step, batching on"] = http_client(
+                        di_port, "/on", steps
+                    )
                 for make in servers.values():
                     load(make, 2 * top, top, args.phase_timeout)  # warm-up
                 for c in [1, *clients]:
@@ -304,6 +358,12 @@ def main() -> int:
     return 0
 
 
+def replica_env() -> dict[str, str]:
+    from nitro_dist.serve import REPLICA_ENV
+
+    return REPLICA_ENV
+
+
 def report(
     rows: list[tuple[str, dict]],
     args: argparse.Namespace,
@@ -323,7 +383,8 @@ def report(
         f"{load_before[0]:.1f}/{load_after[0]:.1f} (other jobs share the machine). "
         f"Serve: one generator replica (0.5 CPU, 1 torch thread), max_batch_size "
         f"{args.max_batch_size}, batch_wait_ms {args.batch_wait_ms}, one deployment (HTTP "
-        "routes and model in one replica, behind Serve's proxy). "
+        "routes and model in one replica, behind Serve's proxy); Serve settings: "
+        f"{', '.join(f'`{k}={v}`' for k, v in sorted({**SERVE_ENV, **replica_env()}.items()))}. "
         "plain: `python -m nitro_dist.local_app` (the same routes under uvicorn, one process, "
         "no Ray, one model call at a time, 1 torch thread). direct: the replica's work "
         "(generate + PNG) in this process, 1 thread.",
@@ -357,6 +418,19 @@ def report(
             lines.append(
                 f"- {s} step, {c} clients: Serve (batching on) {on:.1f} images/s vs plain "
                 f"{p:.1f} = {on / p:.2f}x (target > 1)"
+            )
+            if (
+                di := by.get(f"Serve direct ingress, {s} step, batching on, {c} clients")
+            ) is not None:
+                lines.append(
+                    f"- {s} step, {c} clients, direct ingress: {di['images_per_s']:.1f} images/s "
+                    f"= {di['images_per_s'] / p:.2f}x plain"
+                )
+        if (di1 := by.get(f"Serve direct ingress, {s} step, batching on, 1 clients")) is not None:
+            lines.append(
+                f"- {s} step, 1 client, direct ingress vs plain: p50 {di1['p50_ms']:.1f} vs "
+                f"{plain1['p50_ms']:.1f} ms = {di1['p50_ms'] / plain1['p50_ms']:.2f}x, p99 "
+                f"{di1['p99_ms'] / plain1['p99_ms']:.2f}x"
             )
         lines.append(
             f"- {s} step, where Serve's 1-client p50 goes: replica work (direct) {d1:.1f} ms; "

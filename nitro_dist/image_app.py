@@ -276,9 +276,10 @@ class ImageApp:
             raise ValueError(e.message) from e
 
 
-def current() -> ImageApp:
+async def current() -> ImageApp:
     """The app behind the routes: under Serve the replica's own object (``serve.ImageServer``);
-    ``local_app`` overrides this dependency with its ``LocalApp``."""
+    ``local_app`` overrides this dependency with its ``LocalApp``. Async: FastAPI runs a plain
+    ``def`` dependency in its thread pool, a thread hop in and out of every request."""
     from ray import serve
 
     return serve.get_replica_context().servable_object

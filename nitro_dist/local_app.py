@@ -44,7 +44,11 @@ def local_api(models: dict[str, ServedModel]) -> FastAPI:
     """The app's ``api`` with a ``LocalApp`` over ``models`` behind every route (under Serve the
     replica's object is; here a dependency override)."""
     app = LocalApp(models)
-    api.dependency_overrides[current] = lambda: app
+
+    async def this() -> ImageApp:  # async: no thread-pool hop per request (see ``current``)
+        return app
+
+    api.dependency_overrides[current] = this
     return api
 
 

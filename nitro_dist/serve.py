@@ -18,6 +18,7 @@ compiled and warmed (``fast_path``). Overload is answered 503 by Serve's proxy
 """
 
 import asyncio
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -62,11 +63,15 @@ class AppArgs(LimitArgs):
     dtype: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         default="auto", description="auto: bf16 on cuda, fp32 on cpu"
     )
+    # 64, not 16: requests beyond it wait in Serve's proxy, whose router keeps probing the full
+    # replica's queue (measured: +9 ms of proxy and replica CPU per request at 32 clients, and
+    # 34 vs 58 images/s, benchmarks/results/serve_load.md); in the replica they wait in the batch
+    # queue at no cost
     max_ongoing_requests: int = Field(
-        default=16,
+        default=64,
         ge=1,
         description="requests in a replica at once (HTTP requests and open /v1/live sockets; "
-        "a model call takes up to max_batch_size of them)",
+        "a model call takes up to max_batch_size of them; the rest wait for the next calls)",
     )
     max_queued_requests: int = Field(
         default=32, ge=1, description="waiting requests per caller before answering 503"
@@ -100,6 +105,14 @@ class AppArgs(LimitArgs):
 
 
 APP_ARGS = tuple(AppArgs.model_fields)
+
+# Ray Serve settings of the replica process, in its runtime env (merged with an application's:
+# its other env_vars stay). User code (the routes, the batch queue) on the replica's main event
+# loop instead of a loop thread of its own: one thread hand-off less per request in and out
+# (the model call runs in a worker thread either way). The environment `serve run` or
+# `serve deploy` is started with overrides it (=1: Serve's default).
+_USER_THREAD = "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD"
+REPLICA_ENV = {_USER_THREAD: os.environ.get(_USER_THREAD, "0")}
 
 
 def resolve_checkpoint(spec: str) -> str:
@@ -230,7 +243,10 @@ def app(args: dict) -> serve.Application:
     device = _device(a.device)
     dtype = a.dtype if a.dtype != "auto" else ("bf16" if device == "cuda" else "fp32")
     fast = fast_path_of(a, device)
-    actor = {"num_gpus": 1, "num_cpus": 1} if device == "cuda" else {"num_cpus": a.num_cpus}
+    actor: dict[str, Any] = (
+        {"num_gpus": 1, "num_cpus": 1} if device == "cuda" else {"num_cpus": a.num_cpus}
+    )
+    actor["runtime_env"] = {"env_vars": dict(REPLICA_ENV)}
     scale: dict[str, Any] = {"num_replicas": a.replicas}
     if a.replicas == "auto":
         scale = {
