@@ -9,7 +9,6 @@ in a one-rank gloo group."""
 import copy
 import dataclasses
 import json
-import os
 
 import pytest
 import torch
@@ -174,22 +173,20 @@ def one_rank_group():
     benchmarks make it) and the small models, built once: each run copies the student."""
     import torch.distributed as dist
 
-    from nitro_dist.distributed.parallel import init_process_group
+    from nitro_dist.distributed.parallel import free_port, init_process_group
 
-    # init_process_group sets the launcher's variables: put back afterwards (unset ones unset),
-    # or later tests' processes would inherit this group's port, which DeepSpeed keeps bound
-    keys = ("MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE")
-    saved = {k: os.environ.pop(k, None) for k in keys}
-    init_process_group(torch.device("cpu"))
-    try:
-        yield build_sdxl_from_configs(SMALL_UNET, tiny.TINY_SDXL_TEXT_ENCODERS, None)
-    finally:
-        dist.destroy_process_group()
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    # the launcher's variables, set through monkeypatch (as test_perf_benchmarks does): put back
+    # afterwards as they were (unset ones unset), or later tests' processes would inherit this
+    # group's port, which DeepSpeed keeps bound
+    one_rank = {"MASTER_ADDR": "127.0.0.1", "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1"}
+    with pytest.MonkeyPatch.context() as mp:
+        for k, v in {**one_rank, "MASTER_PORT": str(free_port())}.items():
+            mp.setenv(k, v)
+        init_process_group(torch.device("cpu"))
+        try:
+            yield build_sdxl_from_configs(SMALL_UNET, tiny.TINY_SDXL_TEXT_ENCODERS, None)
+        finally:
+            dist.destroy_process_group()
 
 
 def _deepspeed_run(cfg, models, resume=None):
