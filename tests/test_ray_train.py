@@ -1,12 +1,13 @@
 """Training through Ray Train on the session's Ray cluster of two nodes (CPU, gloo, DeepSpeed
 ZeRO 1-3); the W=2 runs spread their ranks over both nodes.
 
-Every run trains the tiny config for 4 iterations from the same seed and global batch, so they
-must all end with the same generator and the same pool (tolerance ATOL, fp32) as the reference,
-one process with plain torch (no Ray, no DeepSpeed): W=2 under ZeRO stages 1/2/3, a run split by
-a checkpoint, a run whose worker is killed at an injected iteration and restarted by Ray, and an
-elastic run (num_workers [1, 2], storage on S3) that resumes the split run's W=2 checkpoint,
-loses a node mid-run and ends on the remaining worker.
+Every run trains the tiny config from the same seed and global batch, so each must hold the same
+generator and the same pool (tolerance ATOL, fp32) as the reference, one process with plain torch
+(no Ray, no DeepSpeed), at the same iteration: a W=2 ZeRO-2 run with gradient accumulation to
+iteration 2; its rerun under ZeRO-3 to iteration 4, whose worker is killed at an injected
+iteration and restarted by Ray; and an elastic ZeRO-1 run (num_workers [1, 2], storage on S3)
+that resumes the W=2 checkpoint of iteration 2, loses a node mid-run and ends on the remaining
+worker.
 """
 
 import json
@@ -79,15 +80,27 @@ def reference(tmp_path_factory):
     return tmp, latest(tmp / "w1" / "checkpoints")
 
 
-def test_w1_and_w2_zero1_give_the_same_generator_and_pool(cluster, reference):
-    tmp, ref = reference
-    # 2 ranks x 2 micro-batches of 1 accumulate to the reference's batch of 4
-    out = run(
-        tmp, "w2", "distributed.num_workers=2", "distributed.zero_stage=1", "train.grad_accum=2"
-    )
-    ck = Path(out["checkpoint"])
-    assert ck.name == "iter_000004" and out["iteration"] == 4
-    assert_same(ref, ck)
+SPLIT = ["distributed.num_workers=2", "distributed.zero_stage=2", "train.grad_accum=2"]
+
+
+@pytest.fixture(scope="module")
+def half_w2(cluster, tmp_path_factory):
+    """The first 2 of the 4 iterations as run "split": W=2 under ZeRO-2, 2 ranks x 2
+    micro-batches of 1 accumulating to the reference's batch of 4. Returns (storage, its
+    checkpoint). Users only add checkpoints after it (a rerun of "split") or read it."""
+    tmp = tmp_path_factory.mktemp("split")
+    first = run(tmp, "split", *SPLIT, "train.iterations=2")
+    return tmp, Path(first["checkpoint"])
+
+
+def test_w1_and_w2_give_the_same_generator_and_pool(reference, half_w2):
+    """The W=2 run's checkpoint holds the reference's iteration-2 generator and pool (the rerun
+    below takes the same run on to iteration 4); each rank held only the heads it owns; the
+    ranks ran on the two nodes; the run folder is complete."""
+    _, ref = reference
+    tmp, ck = half_w2
+    assert ck.name == "iter_000002"
+    assert_same(ref.parent / "iter_000002", ck)
     # each rank held only the heads it owns: about half the pool's parameters each
     ranks = [json.loads((ck / "ranks" / f"rank_{r:05d}.json").read_text()) for r in range(2)]
     one = json.loads((ref / "ranks" / "rank_00000.json").read_text())
@@ -99,23 +112,11 @@ def test_w1_and_w2_zero1_give_the_same_generator_and_pool(cluster, reference):
     alive = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
     assert len({r["node"] for r in ranks}) == 2 and {r["node"] for r in ranks} <= alive
     # the run folder a user looks at
-    run_dir = tmp / "w2"
+    run_dir = tmp / "split"
     assert (run_dir / "config.yaml").exists() and (run_dir / "final_metrics.json").exists()
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert {"g_loss", "d_loss", "d_acc_real", "active_heads", "images_per_s"} <= rows[0].keys()
     assert latest(run_dir) == ck
-
-
-SPLIT = ["distributed.num_workers=2", "distributed.zero_stage=2"]
-
-
-@pytest.fixture(scope="module")
-def half_w2(cluster, tmp_path_factory):
-    """The first 2 of the 4 iterations, W=2 ZeRO-2, as run "split": (storage, its checkpoint).
-    Users only add checkpoints after it (a rerun of "split") or read it."""
-    tmp = tmp_path_factory.mktemp("split")
-    first = run(tmp, "split", *SPLIT, "train.iterations=2")
-    return tmp, Path(first["checkpoint"])
 
 
 def test_rerun_resumes_exactly_and_a_killed_worker_is_restarted_zero3(reference, half_w2):
@@ -173,7 +174,7 @@ def test_a_node_lost_mid_run_elastic_run_ends_where_the_uninterrupted_run_ends(
     reference, half_w2, cluster, monkeypatch, tmp_path
 ):
     """Two worker nodes join with one slot each (a custom resource no other node has). An
-    elastic run (num_workers [1, 2], storage on S3) resumes the W=2 ZeRO-2 checkpoint of
+    elastic ZeRO-1 run (num_workers [1, 2], storage on S3) resumes the W=2 ZeRO-2 checkpoint of
     iteration 2 (launch's ``resume``) on both; at iteration 3 rank 1's node leaves the cluster
     (its raylet stopped: every process on it ends). Ray Train restarts the run from that
     checkpoint on the one worker left, with the same global batch: it ends with the
@@ -211,6 +212,7 @@ def test_a_node_lost_mid_run_elastic_run_ends_where_the_uninterrupted_run_ends(
             storage,
             "node",
             "distributed.num_workers=[1, 2]",
+            "distributed.zero_stage=1",
             "distributed.resources_per_worker={elastic: 1}",
             "distributed.max_failures=1",
             "distributed.node_loss_at_iteration=3",
