@@ -14,10 +14,12 @@ k > 1 the input is built as the GAN stage builds it (``step.backward_simulation`
 own earlier steps, re-noised to t_k), so the 2-4 step samples stay trained too. The GAN stage
 then starts from that model; the EMA starts from it too.
 
-Batches are the run's own (``step.make_batch``) drawn for the whole global batch on every rank, so
-every rank computes the same weights with no communication. AdamW (betas 0.9/0.999, no weight
-decay, the run's gradient clip) with a cosine decay to zero; the optimizer is dropped afterwards:
-G's GAN optimizer starts fresh. A resumed run skips the stage (its G comes from the checkpoint).
+Batches are the run's own (``step.make_batch``): each rank takes its slice of the global batch and
+the ranks average their gradients (one all-reduce per step, the loss with them), so W ranks do
+the stage about W times faster and end with the same weights as one process (up to the order of
+float sums). AdamW (betas 0.9/0.999, no weight decay, the run's gradient clip) with a cosine
+decay to zero; the optimizer is dropped afterwards: G's GAN optimizer starts fresh. A resumed
+run skips the stage (its G comes from the checkpoint).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import time
 from typing import TYPE_CHECKING
 
 import torch
+import torch.distributed as dist
 
 from nitro_dist import rng
 from nitro_dist.step import IterationNoise, autocast, backward_simulation, make_batch
@@ -44,13 +47,41 @@ def regression_loss(x0_fake: torch.Tensor, x0_real: torch.Tensor) -> torch.Tenso
     return torch.mean((x0_fake - x0_real.to(x0_fake)) ** 2)
 
 
-def init_noise(seed: int, iteration: int, steps: list[int], x_T: torch.Tensor) -> IterationNoise:
-    """The stage's draws for one batch: step k per sample from ``steps`` and the backward
-    simulation's re-noising, from the (seed, iteration) stream (the same on every rank)."""
+def init_noise(
+    seed: int,
+    iteration: int,
+    steps: list[int],
+    x_T: torch.Tensor,
+    rank: int = 0,
+    world_size: int = 1,
+) -> IterationNoise:
+    """The stage's draws for this rank's slice ``x_T`` of the global batch: step k per sample
+    from ``steps`` and the backward simulation's re-noising, drawn for the whole global batch
+    from the (seed, iteration) stream (the same on every rank) and sliced as the batch is."""
     g = rng.keyed_generator(seed, iteration, rng.NOISE)
-    k_B = torch.tensor(steps)[torch.randint(len(steps), (x_T.shape[0],), generator=g)]
-    renoise = torch.randn((max(steps) - 1, *x_T.shape), generator=g).to(x_T)
-    return IterationNoise(k_B, renoise, torch.zeros_like(x_T))
+    n = x_T.shape[0]
+    k_B = torch.tensor(steps)[torch.randint(len(steps), (n * world_size,), generator=g)]
+    renoise = torch.randn((max(steps) - 1, n * world_size, *x_T.shape[1:]), generator=g)
+    mine = slice(rank * n, (rank + 1) * n)  # data.pairs.rank_slice's contiguous share
+    return IterationNoise(k_B[mine], renoise[:, mine].to(x_T), torch.zeros_like(x_T))
+
+
+def average_gradients(params: list[torch.Tensor], loss: torch.Tensor, world_size: int) -> float:
+    """Average ``params``' gradients and ``loss`` over the process group in place (all-reduces
+    started together, then awaited); returns the averaged loss. Equal slices: the mean of the
+    ranks' means is the global mean."""
+    if world_size == 1:
+        return loss.item()
+    for p in params:
+        if p.grad is None:  # a parameter this step did not reach: a zero share
+            p.grad = torch.zeros_like(p)
+    total = loss.detach().reshape(1).clone()
+    works = [dist.all_reduce(t, async_op=True) for t in [total, *(p.grad for p in params)]]
+    for w in works:
+        w.wait()
+    for p in params:
+        p.grad.div_(world_size)
+    return total.item() / world_size
 
 
 def one_step_init(run: Run) -> dict[str, float]:
@@ -69,24 +100,27 @@ def one_step_init(run: Run) -> dict[str, float]:
         student.parameters(), lr=cfg.init.lr, betas=(0.9, 0.999), weight_decay=0
     )
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 0.5 * (1 + math.cos(math.pi * i / n)))
+    trained = [p for p in student.parameters() if p.requires_grad]
+    rank, world = run.rank, run.world_size
     losses: list[float] = []
     t0 = time.time()
     student.train()
     for i in range(n):
         it = INIT_BATCH_OFFSET + i
-        batch = make_batch(run, it)  # the global batch, on every rank
-        noise = init_noise(cfg.seed, it, cfg.init.steps, batch.x_T)
+        batch = make_batch(run, it, rank, world)  # this rank's slice of the global batch
+        noise = init_noise(cfg.seed, it, cfg.init.steps, batch.x_T, rank, world)
         with autocast(run):
             x_t, t_B = backward_simulation(student, run.denoiser, batch, noise)
             x0_fake = run.denoiser(student, x_t, t_B, batch.cond)
             loss = regression_loss(x0_fake.float(), batch.x0_real)
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        loss_value = average_gradients(trained, loss, world)
         if cfg.optim.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.optim.grad_clip)
         opt.step()
         sched.step()
-        losses.append(loss.item())
+        losses.append(loss_value)
     student.zero_grad(set_to_none=True)
     if run.ema is not None:
         run.ema.load_state_dict(student.state_dict())
