@@ -604,7 +604,7 @@ def validate(cfg: Config) -> None:
         cfg.init.iterations == 0 or cfg.data.source == "task",
         "init.iterations",
         "the one-step stage trains on the task's teacher pairs (data.source=task); with shards, "
-        "start from a one-step model (model.student_path) instead",
+        "set init.iterations=0 and start from a one-step model (model.student_path)",
     )
     tr = cfg.train
     need(tr.iterations >= 0, "train.iterations", "must be >= 0")

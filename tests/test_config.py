@@ -163,7 +163,7 @@ VALIDATE_CASES = {
         (["optim.offload=cpu", "distributed.zero_stage=2", "optim.state_bits=8"], "optim.offload"),
     ],
     "data": [
-        (["data.source=shards"], "data.shards"),
+        (["data.source=shards", "init.iterations=0"], "data.shards"),
         (["data.num_workers=-1"], "data.num_workers"),
         (["data.shuffle_buffer=0"], "data.shuffle_buffer"),
     ],
@@ -200,7 +200,7 @@ VALIDATE_CASES = {
         (["distributed.cpus_per_worker=0"], "distributed.cpus_per_worker"),
         (["distributed.gpus_per_worker=0"], "distributed.gpus_per_worker"),
         (["distributed.max_failures=-2"], "distributed.max_failures"),
-        (["distributed.fail_rank=1"], "distributed.fail_rank"),
+        (["distributed.fail_rank=2"], "distributed.fail_rank"),
         (["distributed.storage_path="], "distributed.storage_path"),
     ],
     "tune": [

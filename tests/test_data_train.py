@@ -126,6 +126,7 @@ def test_unreadable_dataset_fails_before_training(cluster, tmp_path, capsys):
         [
             "data.source=shards",
             "data.shards=s3://nitro-test/broken",
+            "init.iterations=0",  # the preset's one-step stage needs the task's pairs
             f"--run-dir={tmp_path}/x",
             "teacher.mode=online",
         ]

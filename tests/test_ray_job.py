@@ -130,6 +130,7 @@ def test_ray_job_submit_trains_the_digits_task(head, tmp_path):
         "train.batch_size=16",
         "teacher.offline_pairs=64",
         "distributed.cpus_per_worker=1",
+        "distributed.num_workers=1",
         f"distributed.storage_path={tmp_path}",
     ]
     script = f"{readme_script} {shlex.join(short_run)}"  # the README's `ray job submit` line

@@ -65,6 +65,7 @@ def test_small_sweep_runs_resumes_and_writes_results(cluster, tmp_path):
         "logging.wandb=false",
         "logging.progress=false",
         "distributed.cpus_per_worker=1",
+        "distributed.num_workers=1",
         "tune.grace_period=2",
         f"tune.storage_path={tmp_path}",
         'tune.search_space={"pool.candidates": {"grid": [1, 2]}}',
