@@ -75,10 +75,11 @@ def average_gradients(params: list[torch.Tensor], loss: torch.Tensor, world_size
     averaged loss. Equal slices: the mean of the ranks' means is the global mean."""
     if world_size == 1:
         return loss.item()
+    grads: list[torch.Tensor] = []
     for p in params:
         if p.grad is None:  # a parameter this step did not reach: a zero share
             p.grad = torch.zeros_like(p)
-    grads = [p.grad for p in params]
+        grads.append(p.grad)
     total = loss.detach().reshape(1).to(grads[0], copy=True)
     buckets: list[list[torch.Tensor]] = [[total]]
     size = 1
