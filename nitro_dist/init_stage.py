@@ -15,7 +15,7 @@ own earlier steps, re-noised to t_k), so the 2-4 step samples stay trained too. 
 then starts from that model; the EMA starts from it too.
 
 Batches are the run's own (``step.make_batch``): each rank takes its slice of the global batch and
-the ranks average their gradients (one all-reduce per step, the loss with them), so W ranks do
+the ranks average their gradients (one flat all-reduce per step, the loss with them), so W ranks do
 the stage about W times faster and end with the same weights as one process (up to the order of
 float sums). AdamW (betas 0.9/0.999, no weight decay, the run's gradient clip) with a cosine
 decay to zero; the optimizer is dropped afterwards: G's GAN optimizer starts fresh. A resumed
@@ -29,9 +29,9 @@ import time
 from typing import TYPE_CHECKING
 
 import torch
-import torch.distributed as dist
 
-from nitro_dist import rng
+from nitro_dist import lora, rng
+from nitro_dist.distributed.g_update import average_over_ranks
 from nitro_dist.step import IterationNoise, autocast, backward_simulation, make_batch
 
 if TYPE_CHECKING:
@@ -66,40 +66,6 @@ def init_noise(
     return IterationNoise(k_B[mine], renoise[:, mine].to(x_T), torch.zeros_like(x_T))
 
 
-BUCKET_NUMEL = 1 << 24  # gradients all-reduced per flat bucket of at most 16M elements (64 MB)
-
-
-def average_gradients(params: list[torch.Tensor], loss: torch.Tensor, world_size: int) -> float:
-    """Average ``params``' gradients and ``loss`` over the process group in place, in flat
-    buckets (one all-reduce per bucket: a call per tensor costs ~1 ms each on gloo); returns the
-    averaged loss. Equal slices: the mean of the ranks' means is the global mean."""
-    if world_size == 1:
-        return loss.item()
-    grads: list[torch.Tensor] = []
-    for p in params:
-        if p.grad is None:  # a parameter this step did not reach: a zero share
-            p.grad = torch.zeros_like(p)
-        grads.append(p.grad)
-    total = loss.detach().reshape(1).to(grads[0], copy=True)
-    buckets: list[list[torch.Tensor]] = [[total]]
-    size = 1
-    for g in grads:
-        if size + g.numel() > BUCKET_NUMEL and buckets[-1]:
-            buckets.append([])
-            size = 0
-        buckets[-1].append(g)
-        size += g.numel()
-    for bucket in buckets:
-        flat = torch.cat([g.reshape(-1) for g in bucket])
-        dist.all_reduce(flat)
-        flat /= world_size
-        offset = 0
-        for g in bucket:
-            g.copy_(flat[offset : offset + g.numel()].view_as(g))
-            offset += g.numel()
-    return float(buckets[0][0])
-
-
 def one_step_init(run: Run) -> dict[str, float]:
     """Train ``run``'s student in place for ``init.iterations`` regression steps (see module
     doc); the EMA, when there is one, is set to the result. Returns the stage's metrics:
@@ -116,7 +82,7 @@ def one_step_init(run: Run) -> dict[str, float]:
         student.parameters(), lr=cfg.init.lr, betas=(0.9, 0.999), weight_decay=0
     )
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 0.5 * (1 + math.cos(math.pi * i / n)))
-    trained = [p for p in student.parameters() if p.requires_grad]
+    trained = lora.trainable(student)
     rank, world = run.rank, run.world_size
     losses: list[float] = []
     t0 = time.time()
@@ -131,12 +97,16 @@ def one_step_init(run: Run) -> dict[str, float]:
             loss = regression_loss(x0_fake.float(), batch.x0_real)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        loss_value = average_gradients(trained, loss, world)
+        loss_value = loss.detach().reshape(1).clone()
+        if world > 1:  # this rank's share of the global batch: the ranks' mean is the global one
+            average_over_ranks(
+                [loss_value, *(p.grad for p in trained if p.grad is not None)], world
+            )
         if cfg.optim.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.optim.grad_clip)
         opt.step()
         sched.step()
-        losses.append(loss_value)
+        losses.append(loss_value.item())
     student.zero_grad(set_to_none=True)
     if run.ema is not None:
         run.ema.load_state_dict(student.state_dict())
