@@ -1,7 +1,7 @@
 """Chaos benchmark (issue 17): the default digits run on 2 Ray Train workers, with faults injected,
 beside the same run without them.
 
-  python benchmarks/chaos.py [--iterations 600] [--eval-images 1000]
+  python benchmarks/chaos.py [--iterations N] [--eval-images 1000]
 
 On this machine it starts a Ray cluster of four simulated nodes (``ray.cluster_utils.Cluster``:
 the head, which runs no training worker, and three worker nodes with one training slot each, so
@@ -232,9 +232,15 @@ def faults_report(run_url: str, proxy, out: dict, cfg_its: dict[str, int]) -> li
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--iterations", type=int, default=600, help="of each run (digits: 600)")
+    ap.add_argument(
+        "--iterations", type=int, default=None, help="of each run (default: the digits preset's)"
+    )
     ap.add_argument("--eval-images", type=int, default=1000, help="FID-digits images (1000)")
     args = ap.parse_args(argv)
+    if args.iterations is None:
+        from nitro_dist.config import load_config
+
+        args.iterations = load_config("digits").train.iterations
     if args.iterations < 10:
         ap.error("--iterations: at least 10 (faults go at 25%%, 40%% and 65%% of the run)")
     srv, proxy = start_s3()

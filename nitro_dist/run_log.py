@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import logging
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +48,23 @@ def quiet_libraries() -> None:
     logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(
         logging.ERROR
     )  # "Token authentication is enabled" on every start (auth stays on)
+    # torch's CUDA build on a CPU machine, when DeepSpeed loads its CPU shared-memory op:
+    # "No CUDA runtime is found, using CUDA_HOME=..." once per rank
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+
+
+@contextlib.contextmanager
+def drop_printed_lines(*prefixes: str) -> Iterator[None]:
+    """Lines the block prints to stdout that start with one of ``prefixes`` are dropped, the
+    rest are written out when it ends (libraries that announce with a bare print)."""
+    buf = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(buf):
+            yield
+    finally:
+        kept = [x for x in buf.getvalue().splitlines(keepends=True) if not x.startswith(prefixes)]
+        sys.stdout.write("".join(kept))
+        sys.stdout.flush()
 
 
 def progress_line(done: int, total: int, m: dict[str, float]) -> str:

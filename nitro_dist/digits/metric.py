@@ -236,7 +236,9 @@ def frechet_distance(
     both diagonals and the root taken again; a complex result is accepted only if its diagonal's
     imaginary part is within 1e-3 of zero, and its real part is used. Two differences that do not
     change the value: the retry is announced with ``warnings.warn`` rather than ``print``, and
-    ``sqrtm`` is called without its deprecated ``disp`` argument.
+    ``sqrtm`` is called without its deprecated ``disp`` argument, its "Matrix is singular"
+    warning silenced instead (as ``disp=False`` silences it in clean-fid: the finiteness check
+    is what decides).
 
     mu1, mu2: (D,) means; sigma1, sigma2: (D, D) covariances.
     """
@@ -248,15 +250,18 @@ def frechet_distance(
         raise ValueError(f"covariances have different shapes: {sigma1.shape} and {sigma2.shape}")
 
     diff = mu1 - mu2
-    covmean = linalg.sqrtm(sigma1.dot(sigma2))
-    if not np.isfinite(covmean).all():
-        warnings.warn(
-            f"fid calculation produces singular product; adding {eps} to diagonal of cov estimates",
-            RuntimeWarning,
-            stacklevel=2,
-        )
-        offset = np.eye(sigma1.shape[0]) * eps
-        covmean = linalg.sqrtm((sigma1 + offset).dot(sigma2 + offset))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", linalg.LinAlgWarning)
+        covmean = linalg.sqrtm(sigma1.dot(sigma2))
+        if not np.isfinite(covmean).all():
+            warnings.warn(
+                f"fid calculation produces singular product; adding {eps} to diagonal of cov "
+                "estimates",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            offset = np.eye(sigma1.shape[0]) * eps
+            covmean = linalg.sqrtm((sigma1 + offset).dot(sigma2 + offset))
     if np.iscomplexobj(covmean):
         if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
             raise ValueError(f"Imaginary component {np.max(np.abs(covmean.imag))}")

@@ -166,7 +166,11 @@ class DeepSpeedUpdate:
     def __init__(self, student: ModelMixin, cfg: Config, world_size: int) -> None:
         import deepspeed
 
-        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+        from nitro_dist.run_log import drop_printed_lines
+
+        # with several CPU ranks DeepSpeed prints "DeepSpeed ...shm_comm_op built successfully"
+        with drop_printed_lines("DeepSpeed deepspeed.ops.comm."):
+            deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
         # DeepSpeed reads weights as flat bytes (broadcast, ZeRO flattening): NCHW strides only
         # (train.channels_last then holds for the teacher/backbone)
         student.to(memory_format=torch.contiguous_format)
