@@ -220,6 +220,8 @@ def build_run(
                 device=device,
                 progress=progress and rank == 0,
                 fingerprint_parts={"teacher": to_dict(tcfg), "schedule": models.schedule},
+                rank=rank,
+                world_size=world_size,
             )
     ema = None
     if cfg.optim.ema_decay > 0:

@@ -3,9 +3,12 @@ give the same generator and the same pool, with the collectives overlapped (buck
 all-reduce started from backward hooks) and blocking; each of 2 ranks holds about half the pool.
 G's update is the production ``TorchUpdate``, which averages G's gradients over the ranks; the
 one-step starting stage (init_stage, run first as loop.train runs it) splits its batches over the
-ranks and averages its gradients too."""
+ranks and averages its gradients too. The offline teacher pairs are computed by the ranks
+together: the set a single process makes, each rank's share only, each rank holding all of it."""
 
 import os
+from pathlib import Path
+from unittest import mock
 
 import pytest
 import torch
@@ -16,6 +19,7 @@ from safetensors.torch import load_file, save_file
 
 from nitro_dist.build import build_run
 from nitro_dist.config import load_config
+from nitro_dist.data import pairs
 from nitro_dist.discriminator.pool import sample_active
 from nitro_dist.distributed.g_update import TorchUpdate
 from nitro_dist.distributed.parallel import free_port
@@ -36,6 +40,8 @@ VARIANTS = {
     "init": ["init.iterations=2", "init.lr=1e-3"],
 }
 W1_VARIANTS = ("", "lora", "init")  # the W=1 references (the others change only how W=2 talks)
+# 12 offline pairs in teacher batches of 4: 3 batches, rank 0 computes 2 of them, rank 1 one
+PAIRS = ["teacher.mode=offline", "teacher.offline_pairs=12", "teacher.batch_size=4"]
 
 
 def run_rank(rank: int, world: int, out: str, variant: str = "") -> dict:
@@ -85,8 +91,38 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
         for variant in VARIANTS:
             info = run_rank(rank, world, out, variant)
             torch.save(info, os.path.join(out, f"info_w{world}{variant}_r{rank}.pt"))
+        torch.save(pair_builds(rank, world, out), os.path.join(out, f"pairs_w2_r{rank}.pt"))
     finally:
         dist.destroy_process_group()
+
+
+def pair_builds(rank: int, world: int, out: str) -> list[dict]:
+    """Three builds of a run with offline pairs, each rank with a cache folder of its own (as on
+    nodes of their own): both caches empty; rank 1's removed again; both filled. Per build, the
+    teacher batches this rank computed and its pairs."""
+    cache = os.path.join(out, f"cache_w{world}_r{rank}")
+    calls = []
+    real = pairs.teacher_x0
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    builds = []
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the same summation order in the W=1 build and each rank
+    with mock.patch.dict(os.environ, {"NITRO_CACHE": cache}):
+        with mock.patch.object(pairs, "teacher_x0", counted):
+            for wipe in (False, True, False):
+                if wipe and rank == 1:
+                    for f in Path(cache, "teacher_pairs").glob("*.safetensors"):
+                        f.unlink()
+                calls.clear()
+                cfg = load_config("tiny", PAIRS)
+                run = build_run(cfg, rank=rank, world_size=world, owned_heads=[], progress=False)
+                builds.append({"batches": len(calls), "x0": run.x0_offline})
+    torch.set_num_threads(threads)
+    return builds
 
 
 @pytest.fixture(scope="module")
@@ -95,6 +131,7 @@ def runs(tmp_path_factory):
     one = run_rank(0, 1, out)
     run_rank(0, 1, out, "lora")
     run_rank(0, 1, out, "init")
+    torch.save(pair_builds(0, 1, out), os.path.join(out, "pairs_w1_r0.pt"))
     mp.spawn(_worker, args=(2, free_port(), out), nprocs=2, join=True, start_method="spawn")
     two = {
         v: [torch.load(os.path.join(out, f"info_w2{v}_r{r}.pt")) for r in range(2)]
@@ -139,6 +176,20 @@ def test_w1_and_w2_give_the_same_generator_and_pool(runs, variant):
         assert min(early) >= ITERS * 5, early
     elif variant == "blocking":
         assert early == [0, 0]
+
+
+@pytest.mark.slow
+def test_two_ranks_split_the_teacher_pairs_and_each_holds_the_whole_set(runs):
+    out, _, _ = runs
+    one = torch.load(os.path.join(out, "pairs_w1_r0.pt"))
+    assert [b["batches"] for b in one] == [3, 0, 0]  # one process: all of it, then its cache
+    two = [torch.load(os.path.join(out, f"pairs_w2_r{r}.pt")) for r in range(2)]
+    # a rank's share, computed again while any rank lacks the cache, then read from it
+    assert [b["batches"] for b in two[0]] == [2, 2, 0]
+    assert [b["batches"] for b in two[1]] == [1, 1, 0]
+    for builds in two:
+        for b in builds:
+            assert torch.equal(b["x0"], one[0]["x0"])  # bit for bit: the same batches
 
 
 @pytest.mark.slow

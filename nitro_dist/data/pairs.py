@@ -3,7 +3,9 @@
 x_T is never stored: it is regenerated bit-exactly from the pair's seed (``seeded_noise``), so a
 pair set is small and the same sample always starts from the same noise. In offline mode the
 teacher runs once over the whole set (cached on disk, keyed by everything that changes its
-output); in online mode it runs inside the training step on the drawn batch.
+output); in online mode it runs inside the training step on the drawn batch. With several ranks
+each computes every W-th batch and the ranks exchange them: the set is the one a single process
+makes (the same batches, per-sample noise), in 1/W of the time.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
@@ -95,8 +98,14 @@ def precompute_pairs(
     device: torch.device,
     fingerprint_parts: dict,
     progress: bool = True,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> torch.Tensor:
-    """Teacher x0 for every sample of ``data`` (N x C x H x W, fp32 on CPU), cached on disk."""
+    """Teacher x0 for every sample of ``data`` (N x C x H x W, fp32 on CPU), cached on disk.
+
+    With ``world_size`` > 1 (a process group is up) every rank calls it: unless every rank finds
+    the cache, rank r computes batches r, r + W, ... and each batch is broadcast from its owner;
+    every rank then holds (and caches, should its disk be a node of its own) the whole set."""
     key = _fingerprint(
         teacher,
         {
@@ -108,30 +117,43 @@ def precompute_pairs(
         },
     )
     path = cache_dir() / "teacher_pairs" / f"{key}.safetensors"
-    if path.exists():
-        try:
-            return load_file(path)["x0"]
-        except Exception:  # a torn cache file: recompute it
-            path.unlink(missing_ok=True)
-    out = []
-    starts = range(0, len(data), batch_size)
-    for s in tqdm(starts, desc="teacher pairs", unit="batch", disable=not progress):
-        out.append(
-            teacher_x0(
-                teacher,
-                text,
-                sampler,
-                data.prompts[s : s + batch_size],
-                data.seeds[s : s + batch_size],
-                sample_shape,
-                device,
-            )
-            .float()
-            .cpu()
+    cached = _read_cache(path)
+    if world_size > 1:  # compute together unless every rank has it
+        have = torch.tensor([int(cached is not None)], device=device)
+        dist.all_reduce(have, op=dist.ReduceOp.MIN)
+        if int(have.item()) and cached is not None:
+            return cached
+    elif cached is not None:
+        return cached
+    starts = list(range(0, len(data), batch_size))
+    mine = starts[rank::world_size]
+    out = {}
+    for s in tqdm(mine, desc="teacher pairs", unit="batch", disable=not progress):
+        batch = slice(s, s + batch_size)
+        x0 = teacher_x0(
+            teacher, text, sampler, data.prompts[batch], data.seeds[batch], sample_shape, device
         )
-    x0 = torch.cat(out)
+        out[s] = x0.float()
+    if world_size > 1:
+        for i, s in enumerate(starts):
+            n = min(batch_size, len(data) - s)
+            buf = out.get(s, torch.empty((n, *sample_shape), device=device))
+            dist.broadcast(buf, src=i % world_size)
+            out[s] = buf
+    x0 = torch.cat([out[s].cpu() for s in starts])
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".tmp{os.getpid()}")
     save_file({"x0": x0.contiguous()}, str(tmp))
     tmp.replace(path)
     return x0
+
+
+def _read_cache(path: Path) -> torch.Tensor | None:
+    """The cached set, or None when there is none or it is torn (it is then removed)."""
+    if not path.exists():
+        return None
+    try:
+        return load_file(path)["x0"]
+    except Exception:  # a torn cache file: recompute it
+        path.unlink(missing_ok=True)
+        return None
