@@ -189,6 +189,12 @@ def train(
         metrics = train_step(run, it)
         skipped = run.state.get("skipped_steps", 0) + int(metrics["skipped"])
         in_a_row = in_a_row + 1 if metrics["skipped"] else 0
+        if metrics["skipped"] and lead:  # the flag is agreed over the ranks
+            say(
+                f"warning: iteration {it + 1}: NaN/inf loss or gradient, step skipped (G and the "
+                f"heads unchanged; {skipped} skipped so far, {in_a_row} in a row of "
+                f"train.max_nonfinite_steps={tr.max_nonfinite_steps})"
+            )
         run.state = {
             "iteration": it + 1,
             "images_seen": run.state["images_seen"] + tr.batch_size,

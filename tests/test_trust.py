@@ -69,7 +69,7 @@ def test_nonfinite_step_changes_nothing_and_the_next_one_trains(tiny_cfg):
     assert all(torch.isfinite(v.float()).all() for v in moved.values())
 
 
-def test_skipped_steps_are_counted_and_too_many_in_a_row_stop_the_run(tiny_cfg, tmp_path):
+def test_skipped_steps_are_counted_and_too_many_in_a_row_stop_the_run(tiny_cfg, tmp_path, capsys):
     cfg = tiny_cfg(
         *QUICK,
         "train.iterations=6",
@@ -81,6 +81,13 @@ def test_skipped_steps_are_counted_and_too_many_in_a_row_stop_the_run(tiny_cfg, 
     )
     with pytest.raises(ckpt.NonFiniteError, match=r"train.max_nonfinite_steps: 2 steps in a row"):
         train(cfg, tmp_path)
+    warned = [x for x in capsys.readouterr().out.splitlines() if x.startswith("warning:")]
+    assert [x.split(":")[1].strip() for x in warned] == [
+        "iteration 2",
+        "iteration 4",
+        "iteration 5",
+    ]
+    assert "3 skipped so far, 2 in a row of train.max_nonfinite_steps=2" in warned[-1]
     root = tmp_path / "checkpoints"
     # iterations 0-3 were checkpointed (1 and 3 skipped); the run stopped in iteration 4
     assert sorted(p.name for p in root.glob("iter_*")) == [f"iter_00000{i}" for i in (1, 2, 3, 4)]
