@@ -106,6 +106,9 @@ class RefinementConfig:
     """Bottom-up refinement: step k (1-based) joins the sampled set at ``enable_at[k-1]``."""
 
     enable_at: list[int] = field(default_factory=lambda: [0, 0, 0, 0])
+    # how often each step k is drawn per sample, relative to the others enabled at the iteration
+    # (one weight per entry of enable_at); empty = uniformly
+    k_weights: list[float] = field(default_factory=list)
 
 
 @dataclass(kw_only=True)
@@ -588,6 +591,12 @@ def validate(cfg: Config) -> None:
     need(1 <= len(r) <= 4, "refinement.enable_at", "one start iteration per step k, 1 to 4 of them")
     need(r[0] == 0, "refinement.enable_at", "step 1 must be enabled from iteration 0")
     need(all(x >= 0 for x in r), "refinement.enable_at", "iterations must be >= 0")
+    w = cfg.refinement.k_weights
+    need(
+        not w or (len(w) == len(r) and all(x > 0 for x in w)),
+        "refinement.k_weights",
+        f"one weight > 0 per entry of refinement.enable_at ({len(r)}), or [] for uniform",
+    )
     t = cfg.teacher
     need(t.num_steps >= 1, "teacher.num_steps", "must be >= 1")
     need(t.guidance_scale >= 0, "teacher.guidance_scale", "must be >= 0")

@@ -79,15 +79,23 @@ def draw_iteration_noise(
     draw: Draw,
     layout: PoolLayout,
     device: torch.device | str = "cpu",
+    k_weights: list[float] | None = None,
 ) -> IterationNoise:
     """Every random draw of one iteration. Per-sample draws are keyed by (seed, iteration,
     position of the sample in the global batch): ranks get distinct noise, and a run on W ranks
     draws exactly what a run on one rank draws for the same global batch. Crops are keyed by
-    (seed, iteration) alone: every rank uses the same crop for a head."""
+    (seed, iteration) alone: every rank uses the same crop for a head. Step k is drawn from
+    ``steps`` uniformly, or in proportion to ``k_weights[k - 1]`` (refinement.k_weights)."""
+    probs = None
+    if k_weights and len({k_weights[k - 1] for k in steps}) > 1:
+        probs = torch.tensor([float(k_weights[k - 1]) for k in steps], dtype=torch.float64)
     ks, renoise, eps = [], [], []
     for sid in sample_ids:
         g = rng.keyed_generator(seed, iteration, rng.NOISE, sid)
-        ks.append(steps[int(torch.randint(len(steps), (1,), generator=g))])
+        if probs is None:  # uniform: one randint, as before the key existed
+            ks.append(steps[int(torch.randint(len(steps), (1,), generator=g))])
+        else:
+            ks.append(steps[int(torch.multinomial(probs, 1, generator=g))])
         renoise.append(torch.randn((max(steps) - 1, *sample_shape), generator=g))
         eps.append(torch.randn(sample_shape, generator=g))
     g = rng.keyed_generator(seed, iteration, rng.CROP)
@@ -409,6 +417,7 @@ def _train_step(run: Run, iteration: int, timer: Timer) -> dict[str, float]:
             draw,
             run.layout,
             run.device,
+            cfg.refinement.k_weights,
         )
     micro = micro_slices(b, cfg.train.grad_accum)
     with timer("pool_gather"):

@@ -128,6 +128,8 @@ VALIDATE_CASES = {
     "refinement": [
         (["refinement.enable_at=[0,1,2,3,4]"], "refinement.enable_at"),
         (["refinement.enable_at=[0,-1]"], "refinement.enable_at"),
+        (["refinement.k_weights=[1,1]"], "refinement.k_weights"),  # 4 steps, 2 weights
+        (["refinement.k_weights=[1,0,1,1]"], "refinement.k_weights"),
     ],
     "pool": [
         (["pool.kinds=[]"], "pool.kinds"),

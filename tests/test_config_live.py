@@ -162,6 +162,7 @@ KEYS: dict[str, Case] = {
     "init.steps": Case([2], "step", ("init", "student"), {"init.iterations": 2}),
     # refinement
     "refinement.enable_at": Case([0, 1, 1, 1], "step", "student_batches"),
+    "refinement.k_weights": Case([4, 1, 1, 1], "step", "student"),  # other k drawn
     # pool
     "pool.kinds": Case(["global_cond"], "run", "layout"),
     "pool.t_buckets": Case([10, 250, 750], "run", "layout"),

@@ -4,9 +4,10 @@ import torch
 from closeness import assert_adamw_close
 
 from nitro_dist.build import build_run
+from nitro_dist.config import load_config
 from nitro_dist.discriminator.backbone import backbone_features, level_shapes
-from nitro_dist.discriminator.pool import init_head_, refresh_ids, sample_active
-from nitro_dist.step import enabled_steps, train_step
+from nitro_dist.discriminator.pool import init_head_, make_layout, refresh_ids, sample_active
+from nitro_dist.step import draw_iteration_noise, enabled_steps, train_step
 
 
 def test_sdxl_conditioning_path_on_tiny_sdxl_unet(tiny_models):
@@ -45,6 +46,27 @@ def test_refinement_schedule():
     assert enabled_steps([0, 200, 400, 600], 0) == [1]
     assert enabled_steps([0, 200, 400, 600], 450) == [1, 2, 3]
     assert enabled_steps([0, 0, 0, 0], 0) == [1, 2, 3, 4]
+
+
+def test_k_weights_set_how_often_each_refinement_step_is_drawn():
+    layout = make_layout(load_config("digits").pool, [(32, 8, 8), (64, 4, 4)])
+    draw = sample_active(layout, 0, 3, 1)
+    ids = list(range(4000))
+
+    def ks(steps, weights):
+        noise = draw_iteration_noise(0, 3, ids, (1, 2, 2), steps, draw, layout, "cpu", weights)
+        return noise.k_B.tolist()
+
+    uniform = ks([1, 2, 3, 4], None)
+    assert ks([1, 2, 3, 4], [2, 2, 2, 2]) == uniform  # equal weights: the draw of no weights
+    share = [uniform.count(k) / len(ids) for k in (1, 2, 3, 4)]
+    assert all(abs(x - 0.25) < 0.03 for x in share), share
+    weighted = ks([1, 2, 3, 4], [5, 1, 1, 3])
+    share = [weighted.count(k) / len(ids) for k in (1, 2, 3, 4)]
+    assert all(abs(x - w / 10) < 0.03 for x, w in zip(share, [5, 1, 1, 3], strict=True)), share
+    # only the enabled steps count: k = 1 and 2 at weights 5 : 1
+    early = ks([1, 2], [5, 1, 1, 3])
+    assert set(early) == {1, 2} and abs(early.count(1) / len(ids) - 5 / 6) < 0.03
 
 
 def test_iteration_changes_generator_and_only_active_heads(tiny_cfg):
