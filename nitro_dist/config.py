@@ -591,9 +591,9 @@ def validate(cfg: Config) -> None:
     need(1 <= len(r) <= 4, "refinement.enable_at", "one start iteration per step k, 1 to 4 of them")
     need(r[0] == 0, "refinement.enable_at", "step 1 must be enabled from iteration 0")
     need(all(x >= 0 for x in r), "refinement.enable_at", "iterations must be >= 0")
-    w = cfg.refinement.k_weights
+    kw = cfg.refinement.k_weights
     need(
-        not w or (len(w) == len(r) and all(x > 0 for x in w)),
+        not kw or (len(kw) == len(r) and all(x > 0 for x in kw)),
         "refinement.k_weights",
         f"one weight > 0 per entry of refinement.enable_at ({len(r)}), or [] for uniform",
     )
