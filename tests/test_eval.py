@@ -194,6 +194,27 @@ def test_inception_fid_runs_clean_fids_path(tiny_inception):
     assert frechet_from_features(a, b) == pytest.approx(fid.fid_from_feats(a, b), rel=1e-6)
 
 
+def test_tiny_inception_survives_cpythons_ast_race_and_nothing_else(tmp_path):
+    """gh-106905: another thread's compile can make ast.parse (torch.jit.script) fail once."""
+    from unittest import mock
+
+    real, calls = torch.jit.script, []
+
+    def racing_once(obj, *args, **kwargs):  # torch.jit calls it again for what obj uses
+        calls.append(obj)
+        if len(calls) == 1:
+            raise SystemError("AST constructor recursion depth mismatch (before=174, after=73)")
+        return real(obj, *args, **kwargs)
+
+    with mock.patch.object(torch.jit, "script", side_effect=racing_once):
+        path = save_tiny_inception(tmp_path / "a.pt")
+    assert calls[0] is calls[1]  # the model, scripted again
+    assert torch.jit.load(str(path))(torch.zeros(1, 3, 8, 8)).shape == (1, 2048)
+    with mock.patch.object(torch.jit, "script", side_effect=SystemError("something else")):
+        with pytest.raises(SystemError, match="something else"):
+            save_tiny_inception(tmp_path / "b.pt")
+
+
 def test_frechet_closed_form_against_clean_fid_and_a_hand_formula():
     fid = needs_cleanfid()
     r = np.random.default_rng(0)
