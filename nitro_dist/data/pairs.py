@@ -105,7 +105,8 @@ def precompute_pairs(
 
     With ``world_size`` > 1 (a process group is up) every rank calls it: unless every rank finds
     the cache, rank r computes batches r, r + W, ... and each batch is broadcast from its owner;
-    every rank then holds (and caches, should its disk be a node of its own) the whole set."""
+    every rank then holds the whole set, and each rank that lacked it caches it (its disk may be a
+    node of its own)."""
     key = _fingerprint(
         teacher,
         {
@@ -141,10 +142,11 @@ def precompute_pairs(
             dist.broadcast(buf, src=i % world_size)
             out[s] = buf
     x0 = torch.cat([out[s].cpu() for s in starts])
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    save_file({"x0": x0.contiguous()}, str(tmp))
-    tmp.replace(path)
+    if cached is None:  # a rank that had the set computed its share for the others only
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        save_file({"x0": x0.contiguous()}, str(tmp))
+        tmp.replace(path)
     return x0
 
 

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import torch
 
 from nitro_dist import lora, optim
+from nitro_dist.run_log import drop_printed_lines
 
 if TYPE_CHECKING:
     from diffusers import ModelMixin
@@ -165,8 +166,6 @@ class DeepSpeedUpdate:
 
     def __init__(self, student: ModelMixin, cfg: Config, world_size: int) -> None:
         import deepspeed
-
-        from nitro_dist.run_log import drop_printed_lines
 
         # with several CPU ranks DeepSpeed prints "DeepSpeed ...shm_comm_op built successfully"
         with drop_printed_lines("DeepSpeed deepspeed.ops.comm."):
