@@ -7,6 +7,10 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 export OMP_WAIT_POLICY ?= PASSIVE
 export WANDB_MODE ?= offline
+# the venv's tools first on PATH: torch builds DeepSpeed's C++ op with whichever `ninja` is on
+# PATH, and two ninja versions (pip's in the venv, the system's) take each other's build logs for
+# stale and rebuild it (~3 CPU-minutes a time)
+WITH_VENV := PATH=$(abspath $(VENV))/bin:$$PATH
 
 .PHONY: setup train test test-fast lint
 setup: $(VENV)/.installed
@@ -21,19 +25,19 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e ".[dev,eval]"
 	# DeepSpeed's CPU shared-memory all-reduce is a C++ op compiled on first use (~1.5 CPU-minutes);
 	# build it now, not inside the first training run or test (cached in ~/.cache/torch_extensions)
-	$(PY) -c "from deepspeed.accelerator import get_accelerator as a; \
+	$(WITH_VENV) $(PY) -c "from deepspeed.accelerator import get_accelerator as a; \
 	  a().create_op_builder('ShareMemCommBuilder').load()"
 	touch $@
 
 train: setup
-	$(PY) -m nitro_dist.train $(ARGS)
+	$(WITH_VENV) $(PY) -m nitro_dist.train $(ARGS)
 
 # two pytest-xdist workers: one runs the Ray tests (one block, in order), the other the rest
 test: setup
-	$(PY) -m pytest -q -n 2 --dist loadgroup
+	$(WITH_VENV) $(PY) -m pytest -q -n 2 --dist loadgroup
 
 test-fast: setup
-	$(PY) -m pytest -q -n 2 -m "not slow and not ray"
+	$(WITH_VENV) $(PY) -m pytest -q -n 2 -m "not slow and not ray"
 
 lint: setup
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .

@@ -8,6 +8,7 @@ only run while they are needed. `make test` runs two pytest-xdist workers: one t
 block (xdist group "ray", started first), the other the rest."""
 
 import os
+import sys
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 # One intra-op thread per process: the tests' models are tiny, and on 2 cores shared by two xdist
@@ -22,6 +23,12 @@ os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
 # Ray runs its workers at nice 15: beside the other xdist worker's tests they would only get the
 # CPU left over, and the Ray block is the suite's longest path
 os.environ.setdefault("RAY_worker_niceness", "0")
+# this Python's tools first on PATH, as `make` has them (the Ray clusters and subprocesses inherit
+# it): torch builds DeepSpeed's C++ op with the `ninja` on PATH, and two ninja versions (pip's in
+# the venv, the system's) take each other's build logs for stale and rebuild it (~3 CPU-minutes)
+os.environ["PATH"] = os.pathsep.join([os.path.dirname(sys.executable), os.environ["PATH"]])
+# no usage-stats actor polling in the test clusters (`ray start --disable-usage-stats`'s setting)
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

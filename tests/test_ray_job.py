@@ -49,6 +49,10 @@ def head(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "RAY_AUTH"))}
     env["PATH"] = f"{BIN}{os.pathsep}{env['PATH']}"
     env["HOME"] = str(home)
+    # ... with the C++ ops `make` built (the Makefile compiles DeepSpeed's shared-memory
+    # all-reduce into ~/.cache/torch_extensions at set-up): the new home would compile it again,
+    # ~3 CPU-minutes of the suite, where a new user's home has it from `make`
+    env.setdefault("TORCH_EXTENSIONS_DIR", torch_extensions_dir())
     port, dash = free_port(), free_port()
     apart = [
         "--node-ip-address=127.0.0.1",
@@ -75,6 +79,14 @@ def head(tmp_path):
         yield env, "\n".join(["set -e", *setup, submit])
     finally:
         stop_cluster(proc)
+
+
+def torch_extensions_dir() -> str:
+    """The folder this process's torch builds its C++ ops in (under ~/.cache/torch_extensions,
+    one per Python and CUDA version; ``TORCH_EXTENSIONS_DIR`` replaces all of that path)."""
+    from torch.utils.cpp_extension import _get_build_directory
+
+    return str(Path(_get_build_directory("op", verbose=False)).parent)
 
 
 def stop_cluster(proc: subprocess.Popen, grace_s: float = 5) -> None:
