@@ -72,9 +72,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.dry_run:
         print(dump_yaml(cfg), end="")
         return 0
-    from nitro_dist.distributed.ray_train import launch
+    from nitro_dist.distributed.address import check_ray_address
 
     try:
+        check_ray_address()  # before the heavy imports: a wrong address fails at once
+        from nitro_dist.distributed.ray_train import launch
+
         final = launch(cfg, args.resume)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)

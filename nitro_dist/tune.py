@@ -40,6 +40,7 @@ from nitro_dist.config import (
     to_dict,
     with_values,
 )
+from nitro_dist.distributed.address import check_ray_address
 
 DOMAINS = ("grid", "choice", "uniform", "loguniform", "randint")
 
@@ -252,6 +253,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = pick_metric(load_config(args.config, overrides))
         check_space(cfg)
+        check_ray_address()  # before Ray Tune's imports: a wrong address fails at once
         print(f"tune.metric: {cfg.tune.metric} ({cfg.tune.mode})", flush=True)
         out = sweep(cfg)
     except ValueError as e:

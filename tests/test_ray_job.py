@@ -171,3 +171,12 @@ def test_unreachable_ray_address_is_a_clear_error(tmp_path):
     )
     assert out.returncode == 2
     assert "RAY_ADDRESS=127.0.0.1:" in out.stderr and "no Ray cluster answers" in out.stderr
+
+
+def test_the_sweep_checks_the_ray_address_first(monkeypatch, capsys):
+    from nitro_dist import tune
+
+    monkeypatch.setenv("RAY_ADDRESS", f"127.0.0.1:{free_port()}")
+    assert tune.main(["--config", "tiny"]) == 2
+    err = capsys.readouterr().err
+    assert "RAY_ADDRESS=127.0.0.1:" in err and "no Ray cluster answers" in err

@@ -17,7 +17,6 @@ import logging
 import math
 import os
 import shutil
-import socket
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -30,6 +29,7 @@ from nitro_dist import checkpoint as ckpt
 from nitro_dist import checkpoint_layout as layout
 from nitro_dist.checkpoint_layout import is_remote
 from nitro_dist.config import Config, config_from_dict, to_dict
+from nitro_dist.distributed.address import check_reachable
 from nitro_dist.run_log import quiet_libraries
 
 if TYPE_CHECKING:
@@ -106,21 +106,6 @@ def quiet_ray_train(local: bool) -> None:
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")  # else every print() shows twice
     if local:  # one machine: no preemption to watch for (its actor logs a C++ error line)
         os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
-
-
-def check_reachable(address: str, timeout_s: float = 5.0) -> None:
-    """RAY_ADDRESS ``[ray://]host:port``: a clear error when nothing listens there."""
-    hostport = address.split("://", 1)[-1].rstrip("/")
-    host, _, port = hostport.rpartition(":")
-    if not host or not port.isdigit():
-        return  # "auto", "local" and other forms: let Ray interpret them
-    try:
-        socket.create_connection((host, int(port)), timeout=timeout_s).close()
-    except OSError as e:
-        raise ValueError(
-            f"RAY_ADDRESS={address}: no Ray cluster answers there ({e}). Start one with "
-            "`ray start --head`, fix the address, or unset RAY_ADDRESS to train on a local Ray."
-        ) from None
 
 
 def launch(cfg: Config, resume: str | None = None) -> dict[str, Any]:
