@@ -155,6 +155,10 @@ class OptimConfig:
     weight_decay: float = 0.01
     grad_clip: float = 1.0
     ema_decay: float = 0.0  # 0 = no EMA of G
+    # G's learning rate over the run (optim.scheduled_lr): a linear warm-up over
+    # warmup_iterations, then "constant" lr or "cosine" down to 0 at train.iterations
+    lr_schedule: Literal["constant", "cosine"] = "constant"
+    warmup_iterations: int = 0
     d_steps_per_g_step: int = 1
     # G's AdamW as torch's fused kernel: one pass over weights, gradients and state and no
     # full-size temporaries (the default foreach AdamW allocates one as large as G's fp32
@@ -578,6 +582,7 @@ def validate(cfg: Config) -> None:
     need(p.lr > 0, "pool.lr", "must be > 0")
     need(0.0 <= cfg.optim.ema_decay < 1.0, "optim.ema_decay", "must be in [0, 1)")
     need(cfg.optim.d_steps_per_g_step >= 1, "optim.d_steps_per_g_step", "must be >= 1")
+    need(cfg.optim.warmup_iterations >= 0, "optim.warmup_iterations", "must be >= 0 (0 = none)")
     for sec, section in (("optim", cfg.optim), ("pool", p)):
         need(
             not (section.fused and section.state_bits == 8),

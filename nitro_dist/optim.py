@@ -5,12 +5,32 @@ bytes of state per parameter instead of 8; parameters under 4,096 elements keep 
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterable
 from pathlib import Path
 
 import torch
 
 SECTION_KEYS = {"OptimConfig": "optim", "PoolConfig": "pool"}  # config section -> its key
+
+
+def scheduled_lr(section, iterations: int, iteration: int) -> float | None:
+    """G's learning rate at ``iteration`` (0-based) of ``iterations`` from an ``OptimConfig``:
+    ``lr`` x a linear warm-up over ``warmup_iterations`` x (``lr_schedule`` "cosine") half a
+    cosine to 0 at the run's end, taken at the iteration's midpoint. None for a constant lr
+    with no warm-up: the optimizer's lr stands (as loaded from a checkpoint). A function of the
+    iteration alone, so a resumed run continues the same schedule."""
+    if section.lr_schedule == "constant" and section.warmup_iterations == 0:
+        return None
+    f = min(1.0, (iteration + 1) / section.warmup_iterations) if section.warmup_iterations else 1.0
+    if section.lr_schedule == "cosine":
+        f *= 0.5 * (1 + math.cos(math.pi * min(1.0, (iteration + 0.5) / iterations)))
+    return section.lr * f
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
 
 
 def adamw(params: Iterable[torch.nn.Parameter], section) -> torch.optim.Optimizer:

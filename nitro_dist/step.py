@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from nitro_dist import losses, rng
+from nitro_dist import losses, optim, rng
 from nitro_dist.data.pairs import global_batch_indices, rank_slice, teacher_x0
 from nitro_dist.diffusion import StudentDenoiser, add_noise, seeded_noise
 from nitro_dist.discriminator.backbone import backbone_features
@@ -400,6 +400,9 @@ def train_step(run: Run, iteration: int, timer: Timer = NO_TIMER) -> dict[str, f
 
 def _train_step(run: Run, iteration: int, timer: Timer) -> dict[str, float]:
     cfg, pool, rank = run.cfg, run.pool, run.rank
+    g_lr = optim.scheduled_lr(cfg.optim, cfg.train.iterations, iteration)
+    if g_lr is not None:  # optim.lr_schedule / optim.warmup_iterations
+        run.g.set_lr(g_lr)
     draw = sample_active(
         run.layout, cfg.seed, iteration, cfg.pool.heads_per_slot, cfg.pool.t_jitter
     )
@@ -511,7 +514,9 @@ def _train_step(run: Run, iteration: int, timer: Timer) -> dict[str, float]:
             refreshed = pool.refresh(
                 refresh_ids(run.layout, cfg.seed, iteration, cfg.pool.refresh_rate), iteration
             )
+    scheduled = {} if g_lr is None else {"g_lr": g_lr}
     return {
+        **scheduled,
         "g_loss": g_loss,
         "g_regression_k1": g_regression,
         "d_loss": d_loss,

@@ -156,6 +156,8 @@ VALIDATE_CASES = {
         (["optim.betas=[0.9]"], "optim.betas"),
         (["optim.ema_decay=1.0"], "optim.ema_decay"),
         (["optim.d_steps_per_g_step=0"], "optim.d_steps_per_g_step"),
+        (["optim.warmup_iterations=-1"], "optim.warmup_iterations"),
+        (["optim.lr_schedule=linear"], "optim.lr_schedule"),
         (["optim.fused=1"], "optim.fused"),
         (["optim.state_bits=4"], "optim.state_bits"),
         (["optim.state_bits=8", "optim.fused=true"], "optim.state_bits"),

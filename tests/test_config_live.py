@@ -192,6 +192,9 @@ KEYS: dict[str, Case] = {
     "optim.weight_decay": Case(0.1, "run", "g_optimizer"),
     "optim.grad_clip": Case(1e-3, "step", "g_grad_norm_at_step"),
     "optim.ema_decay": Case(0.5, "step", "ema"),
+    # iteration 0 of 1: cosine at the midpoint halves the lr; warm-up over 2 halves it too
+    "optim.lr_schedule": Case("cosine", "step", ("g_lr", "student"), {"train.iterations": 1}),
+    "optim.warmup_iterations": Case(2, "step", ("g_lr", "student")),
     "optim.d_steps_per_g_step": Case(2, "step", "head_optimizer_steps"),
     "optim.fused": Case(True, "run", "g_optimizer"),
     "optim.state_bits": Case(8, "run", "g_optimizer"),
@@ -521,7 +524,9 @@ def probe_step(cfg: Config, scratch: Path) -> dict[str, Any]:
     init = one_step_init(run)  # what loop.train runs first on a fresh run (init.iterations)
     init.pop("init_seconds", None)
     g_norms, head_steps = [], []
+    g_lrs: list[float] = []
     run.g.optimizer.register_step_pre_hook(lambda opt, *_: g_norms.append(grad_norm(opt)))
+    run.g.optimizer.register_step_pre_hook(lambda opt, *_: g_lrs.append(opt.param_groups[0]["lr"]))
     run.pool.local.optimizer.register_step_pre_hook(lambda opt, *_: head_steps.append(1))
     with batch_sizes({"student": run.models.student}) as seen:
         metrics = train_step(run, 0)
@@ -530,6 +535,7 @@ def probe_step(cfg: Config, scratch: Path) -> dict[str, Any]:
         "metrics": metrics,
         "student_batches": seen["student"],
         "g_grad_norm_at_step": g_norms,  # what G's AdamW receives (after clipping)
+        "g_lr": g_lrs,  # the lr G's AdamW steps with
         "head_optimizer_steps": len(head_steps),
         "student": digest(run.models.student.parameters()),
         "ema": None if run.ema is None else digest(run.ema.parameters()),

@@ -204,6 +204,20 @@ def _deepspeed_run(cfg, models, resume=None):
     return run
 
 
+@pytest.mark.parametrize("stage", [0, 2])
+def test_deepspeed_steps_with_the_scheduled_g_lr(one_rank_group, stage):
+    """optim.warmup_iterations under DeepSpeed: the AdamW the engine steps (stage 0: ours; ZeRO:
+    the one under its partition) takes the schedule's lr, and the iteration reports it."""
+    cfg = _cfg(f"distributed.zero_stage={stage}", "optim.warmup_iterations=4", *LIGHT)
+    run = _deepspeed_run(cfg, one_rank_group)
+    seen: list[float] = []
+    base = run.g.optimizer if stage == 0 else run.g.optimizer.optimizer
+    base.register_step_pre_hook(lambda opt, *_: seen.append(opt.param_groups[0]["lr"]))
+    metrics = train_step(run, 1)  # iteration 1 of a 4-iteration warm-up: lr x 2/4
+    assert metrics["g_lr"] == pytest.approx(cfg.optim.lr / 2) and metrics["skipped"] == 0
+    assert seen == [pytest.approx(cfg.optim.lr / 2)]
+
+
 @pytest.mark.parametrize("stage", [0, 1, 2])
 def test_deepspeed_steps_and_checkpoints_only_the_adapters(one_rank_group, stage, tmp_path):
     """LoRA under DeepSpeed ZeRO 0/1/2: DeepSpeed's optimizer holds the adapters only (the

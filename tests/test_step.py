@@ -1,5 +1,6 @@
 import math
 
+import pytest
 import torch
 from closeness import assert_adamw_close
 
@@ -46,6 +47,32 @@ def test_refinement_schedule():
     assert enabled_steps([0, 200, 400, 600], 0) == [1]
     assert enabled_steps([0, 200, 400, 600], 450) == [1, 2, 3]
     assert enabled_steps([0, 0, 0, 0], 0) == [1, 2, 3, 4]
+
+
+def test_g_lr_schedule_warms_up_then_follows_half_a_cosine_to_zero(tiny_cfg):
+    from nitro_dist.optim import scheduled_lr
+
+    o = tiny_cfg().optim
+    assert scheduled_lr(o, 100, 0) is None  # constant, no warm-up: the optimizer's lr stands
+    o = tiny_cfg("optim.warmup_iterations=4").optim
+    assert [scheduled_lr(o, 100, t) / o.lr for t in range(6)] == [0.25, 0.5, 0.75, 1, 1, 1]
+    o = tiny_cfg("optim.lr_schedule=cosine").optim
+    got = [scheduled_lr(o, 10, t) / o.lr for t in range(10)]
+    assert got == pytest.approx([0.5 * (1 + math.cos(math.pi * (t + 0.5) / 10)) for t in range(10)])
+    assert got[0] > 0.99 and got[-1] < 0.01 and got == sorted(got, reverse=True)
+    assert [got[t] + got[9 - t] for t in range(5)] == pytest.approx([1] * 5)  # point-symmetric
+    o = tiny_cfg("optim.lr_schedule=cosine", "optim.warmup_iterations=2").optim
+    assert scheduled_lr(o, 10, 0) / o.lr == pytest.approx(0.5 * 0.5 * (1 + math.cos(math.pi / 20)))
+
+
+def test_train_step_sets_and_reports_the_scheduled_g_lr(tiny_cfg):
+    run = build_run(tiny_cfg("optim.warmup_iterations=4"), progress=False)
+    seen: list[float] = []
+    run.g.optimizer.register_step_pre_hook(lambda opt, *_: seen.append(opt.param_groups[0]["lr"]))
+    lrs = [train_step(run, it)["g_lr"] for it in range(2)]
+    assert lrs == seen == [run.cfg.optim.lr / 4, run.cfg.optim.lr / 2]
+    plain = build_run(tiny_cfg(), progress=False)
+    assert "g_lr" not in train_step(plain, 0)  # no schedule: the metrics are as before
 
 
 def test_k_weights_set_how_often_each_refinement_step_is_drawn():

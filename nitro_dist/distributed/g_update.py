@@ -47,6 +47,10 @@ class GUpdate(Protocol):
         be the same on every rank; the norm is global, so ``stepped`` is too."""
         ...
 
+    def set_lr(self, lr: float) -> None:
+        """G's learning rate from the next step on (``optim.scheduled_lr``)."""
+        ...
+
     def full_params(self) -> contextlib.AbstractContextManager[list[torch.nn.Parameter]]:
         """G's parameters with their full values (collective under ZeRO-3)."""
         ...
@@ -104,6 +108,9 @@ class TorchUpdate:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return norm, stepped
+
+    def set_lr(self, lr: float) -> None:
+        optim.set_lr(self.optimizer, lr)
 
     def _average_grads(self) -> None:
         average_over_ranks([p.grad for p in self.params if p.grad is not None], self.world_size)
@@ -267,6 +274,9 @@ class DeepSpeedUpdate:
         return copy
 
     # -- optimizer state, consolidated ------------------------------------------------------
+
+    def set_lr(self, lr: float) -> None:
+        optim.set_lr(self._base(), lr)  # the torch AdamW DeepSpeed steps (ZeRO: its partition)
 
     def _named_params(self) -> list[tuple[str, torch.nn.Parameter]]:
         return [(n, p) for n, p in self.student.named_parameters() if p.requires_grad]
