@@ -8,6 +8,7 @@ from nitro_dist.build import build_run
 from nitro_dist.config import load_config
 from nitro_dist.discriminator.backbone import backbone_features, level_shapes
 from nitro_dist.discriminator.pool import init_head_, make_layout, refresh_ids, sample_active
+from nitro_dist.run_log import progress_line
 from nitro_dist.step import draw_iteration_noise, enabled_steps, train_step
 
 
@@ -72,7 +73,12 @@ def test_train_step_sets_and_reports_the_scheduled_g_lr(tiny_cfg):
     lrs = [train_step(run, it)["g_lr"] for it in range(2)]
     assert lrs == seen == [run.cfg.optim.lr / 4, run.cfg.optim.lr / 2]
     plain = build_run(tiny_cfg(), progress=False)
-    assert "g_lr" not in train_step(plain, 0)  # no schedule: the metrics are as before
+    metrics = train_step(plain, 0)
+    assert "g_lr" not in metrics  # no schedule: the metrics are as before
+    line = progress_line(1, 2, {**metrics, "images_per_s": 1.0})
+    assert "g_lr" not in line and "refreshed=" in line
+    line = progress_line(1, 2, {**metrics, "images_per_s": 1.0, "g_lr": lrs[0]})
+    assert f"g_lr={lrs[0]:.2e} refreshed=" in line  # the console shows it when scheduled
 
 
 def test_k_weights_set_how_often_each_refinement_step_is_drawn():
