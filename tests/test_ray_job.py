@@ -49,9 +49,9 @@ def head(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "RAY_AUTH"))}
     env["PATH"] = f"{BIN}{os.pathsep}{env['PATH']}"
     env["HOME"] = str(home)
-    # ... with the C++ ops `make` built (the Makefile compiles DeepSpeed's shared-memory
-    # all-reduce into ~/.cache/torch_extensions at set-up): the new home would compile it again,
-    # ~3 CPU-minutes of the suite, where a new user's home has it from `make`
+    # the new home keeps the C++ op `make` built (DeepSpeed's shared-memory all-reduce, compiled
+    # into ~/.cache/torch_extensions at set-up), as a new user's home has it after `make`: else
+    # the job's workers compile it again, ~3 CPU-minutes of the suite
     env.setdefault("TORCH_EXTENSIONS_DIR", torch_extensions_dir())
     port, dash = free_port(), free_port()
     apart = [
