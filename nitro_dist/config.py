@@ -155,6 +155,9 @@ class OptimConfig:
     weight_decay: float = 0.01
     grad_clip: float = 1.0
     ema_decay: float = 0.0  # 0 = no EMA of G
+    # the EMA's decay ramps linearly from 0 (the EMA follows G) to ema_decay over this many
+    # iterations (optim.ema_decay_at); 0 = ema_decay from the first iteration
+    ema_warmup_iterations: int = 0
     # G's learning rate over the run (optim.scheduled_lr): a linear warm-up over
     # warmup_iterations, then "constant" lr or "cosine" down to 0 at train.iterations
     lr_schedule: Literal["constant", "cosine"] = "constant"
@@ -583,6 +586,7 @@ def validate(cfg: Config) -> None:
     need(0.0 <= cfg.optim.ema_decay < 1.0, "optim.ema_decay", "must be in [0, 1)")
     need(cfg.optim.d_steps_per_g_step >= 1, "optim.d_steps_per_g_step", "must be >= 1")
     need(cfg.optim.warmup_iterations >= 0, "optim.warmup_iterations", "must be >= 0 (0 = none)")
+    need(cfg.optim.ema_warmup_iterations >= 0, "optim.ema_warmup_iterations", "must be >= 0")
     for sec, section in (("optim", cfg.optim), ("pool", p)):
         need(
             not (section.fused and section.state_bits == 8),

@@ -28,6 +28,13 @@ def scheduled_lr(section, iterations: int, iteration: int) -> float | None:
     return section.lr * f
 
 
+def ema_decay_at(section, iteration: int) -> float:
+    """G's EMA decay at ``iteration`` from an ``OptimConfig``: ``ema_decay``, ramped linearly from
+    0 over ``ema_warmup_iterations`` (the EMA follows G at first, then averages ever longer)."""
+    w = section.ema_warmup_iterations
+    return section.ema_decay * min(1.0, iteration / w) if w else section.ema_decay
+
+
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     for group in optimizer.param_groups:
         group["lr"] = lr

@@ -496,10 +496,11 @@ def _train_step(run: Run, iteration: int, timer: Timer) -> dict[str, float]:
             with timer("g_optimizer"):
                 gnorm, applied = run.g.step(apply=ok)
                 if applied and run.ema is not None:
+                    decay = optim.ema_decay_at(cfg.optim, iteration)
                     with torch.no_grad(), run.g.full_params() as params:
                         for pe, p in zip(run.ema.parameters(), params, strict=True):
                             if p.requires_grad:  # a LoRA student's frozen base is shared
-                                pe.lerp_(p.to(pe.dtype), 1 - cfg.optim.ema_decay)
+                                pe.lerp_(p.to(pe.dtype), 1 - decay)
             pool.reduce_and_step(heads, timer, apply=applied)
             clean = applied
         else:  # a later D step that is not finite: it and the rest are dropped, G's step stands

@@ -157,6 +157,7 @@ VALIDATE_CASES = {
         (["optim.ema_decay=1.0"], "optim.ema_decay"),
         (["optim.d_steps_per_g_step=0"], "optim.d_steps_per_g_step"),
         (["optim.warmup_iterations=-1"], "optim.warmup_iterations"),
+        (["optim.ema_warmup_iterations=-1"], "optim.ema_warmup_iterations"),
         (["optim.lr_schedule=linear"], "optim.lr_schedule"),
         (["optim.fused=1"], "optim.fused"),
         (["optim.state_bits=4"], "optim.state_bits"),

@@ -192,6 +192,8 @@ KEYS: dict[str, Case] = {
     "optim.weight_decay": Case(0.1, "run", "g_optimizer"),
     "optim.grad_clip": Case(1e-3, "step", "g_grad_norm_at_step"),
     "optim.ema_decay": Case(0.5, "step", "ema"),
+    # iteration 0 of a warm-up: decay 0, the EMA takes G's weights
+    "optim.ema_warmup_iterations": Case(5, "step", "ema", {"optim.ema_decay": 0.5}),
     # iteration 0 of 1: cosine at the midpoint halves the lr; warm-up over 2 halves it too
     "optim.lr_schedule": Case("cosine", "step", ("g_lr", "student"), {"train.iterations": 1}),
     "optim.warmup_iterations": Case(2, "step", ("g_lr", "student")),

@@ -66,6 +66,21 @@ def test_g_lr_schedule_warms_up_then_follows_half_a_cosine_to_zero(tiny_cfg):
     assert scheduled_lr(o, 10, 0) / o.lr == pytest.approx(0.5 * 0.5 * (1 + math.cos(math.pi / 20)))
 
 
+def test_ema_warm_up_ramps_the_decay_and_the_ema_follows_g_at_first(tiny_cfg):
+    from nitro_dist.optim import ema_decay_at
+
+    o = tiny_cfg("optim.ema_decay=0.9", "optim.ema_warmup_iterations=4").optim
+    assert [ema_decay_at(o, t) for t in range(6)] == pytest.approx(
+        [0, 0.225, 0.45, 0.675, 0.9, 0.9]
+    )
+    assert ema_decay_at(tiny_cfg("optim.ema_decay=0.9").optim, 0) == 0.9  # no warm-up
+    cfg = tiny_cfg("optim.ema_decay=0.9", "optim.ema_warmup_iterations=4")
+    run = build_run(cfg, progress=False)
+    assert train_step(run, 0)["skipped"] == 0
+    for pe, p in zip(run.ema.parameters(), run.models.student.parameters(), strict=True):
+        assert torch.equal(pe, p)  # decay 0 at iteration 0: the EMA is G
+
+
 def test_train_step_sets_and_reports_the_scheduled_g_lr(tiny_cfg):
     run = build_run(tiny_cfg("optim.warmup_iterations=4"), progress=False)
     seen: list[float] = []
