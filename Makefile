@@ -9,7 +9,7 @@ export OMP_WAIT_POLICY ?= PASSIVE
 export WANDB_MODE ?= offline
 # the venv's tools first on PATH: torch builds DeepSpeed's C++ op with whichever `ninja` is on
 # PATH, and two ninja versions (pip's in the venv, the system's) take each other's build logs for
-# stale and rebuild it (~3 CPU-minutes a time)
+# stale and rebuild it (~3 CPU-minutes a time); tests/conftest.py does the same for pytest
 WITH_VENV := PATH=$(abspath $(VENV))/bin:$$PATH
 
 .PHONY: setup train test test-fast lint
@@ -34,10 +34,10 @@ train: setup
 
 # two pytest-xdist workers: one runs the Ray tests (one block, in order), the other the rest
 test: setup
-	$(WITH_VENV) $(PY) -m pytest -q -n 2 --dist loadgroup
+	$(PY) -m pytest -q -n 2 --dist loadgroup
 
 test-fast: setup
-	$(WITH_VENV) $(PY) -m pytest -q -n 2 -m "not slow and not ray"
+	$(PY) -m pytest -q -n 2 -m "not slow and not ray"
 
 lint: setup
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .

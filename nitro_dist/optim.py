@@ -8,13 +8,17 @@ import json
 import math
 from collections.abc import Iterable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from nitro_dist.config import OptimConfig
 
 SECTION_KEYS = {"OptimConfig": "optim", "PoolConfig": "pool"}  # config section -> its key
 
 
-def scheduled_lr(section, iterations: int, iteration: int) -> float | None:
+def scheduled_lr(section: OptimConfig, iterations: int, iteration: int) -> float | None:
     """G's learning rate at ``iteration`` (0-based) of ``iterations`` from an ``OptimConfig``:
     ``lr`` x a linear warm-up over ``warmup_iterations`` x (``lr_schedule`` "cosine") half a
     cosine to 0 at the run's end, taken at the iteration's midpoint. None for a constant lr
@@ -28,7 +32,7 @@ def scheduled_lr(section, iterations: int, iteration: int) -> float | None:
     return section.lr * f
 
 
-def ema_decay_at(section, iteration: int) -> float:
+def ema_decay_at(section: OptimConfig, iteration: int) -> float:
     """G's EMA decay at ``iteration`` from an ``OptimConfig``: ``ema_decay``, ramped linearly from
     0 over ``ema_warmup_iterations`` (the EMA follows G at first, then averages ever longer)."""
     w = section.ema_warmup_iterations
