@@ -173,6 +173,8 @@ def ray_cluster(s3_server):  # the S3 server first: Ray's nodes inherit its AWS_
     import ray
     from ray.cluster_utils import Cluster
 
+    from nitro_dist.distributed.parallel import free_port
+
     assert not ray.is_initialized()
     cluster = Cluster(
         initialize_head=True,
@@ -181,6 +183,12 @@ def ray_cluster(s3_server):  # the S3 server first: Ray's nodes inherit its AWS_
             "object_store_memory": 512 * 2**20,  # tiny models: the default (30% of RAM) is unused
             "dashboard_host": "127.0.0.1",
             "include_dashboard": True,
+            # a free port, not Ray's default 8265: a `make train` beside the tests has that one
+            "dashboard_port": free_port(),
+            # no log monitor: it tails every worker's log files all session (~40 CPU-s) to echo
+            # them in pytest's output; no test reads them there (they stay in Ray's session
+            # folder, /tmp/ray/session_latest/logs), and failures reach the tests as exceptions
+            "include_log_monitor": False,
         },
     )
     cluster.add_node(num_cpus=2, object_store_memory=256 * 2**20)
