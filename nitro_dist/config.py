@@ -120,6 +120,10 @@ class PoolConfig:
     candidates: int = 4  # heads per slot (kind, bucket, level)
     heads_per_slot: int = 1  # active heads per slot each iteration
     refresh_rate: float = 0.01  # per-head probability of re-initialisation per iteration
+    # which heads the refresh draw may take: "iteration" any head after any iteration; "use" only
+    # the iteration's active heads after their update (a head lives 1/refresh_rate of its own
+    # updates on average, and none is replaced before it was used)
+    refresh_by: Literal["iteration", "use"] = "iteration"
     width: int = 256  # hidden width of every head (with width_ratio > 0: the least width)
     # > 0: each head's width is this fraction of its level's channels (rounded to a multiple of
     # 8, at least ``width``): light heads on SDXL's 1280-channel levels, where one width 256

@@ -512,9 +512,9 @@ def _train_step(run: Run, iteration: int, timer: Timer) -> dict[str, float]:
     refreshed: list[int] = []
     if applied:  # a skipped step changes nothing: no refresh either
         with timer("refresh"):
-            refreshed = pool.refresh(
-                refresh_ids(run.layout, cfg.seed, iteration, cfg.pool.refresh_rate), iteration
-            )
+            among = draw.head_ids if cfg.pool.refresh_by == "use" else None
+            ids = refresh_ids(run.layout, cfg.seed, iteration, cfg.pool.refresh_rate, among)
+            refreshed = pool.refresh(ids, iteration)
     scheduled = {} if g_lr is None else {"g_lr": g_lr}
     return {
         **scheduled,

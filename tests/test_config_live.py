@@ -171,6 +171,8 @@ KEYS: dict[str, Case] = {
     "pool.candidates": Case(3, "run", "layout"),
     "pool.heads_per_slot": Case(2, "step", "metrics"),
     "pool.refresh_rate": Case(1.0, "step", "metrics"),
+    # every head refreshed after the step, or only the active ones
+    "pool.refresh_by": Case("use", "step", "metrics", {"pool.refresh_rate": 1.0}),
     "pool.width": Case(4, "run", "heads"),
     "pool.width_ratio": Case(1.0, "run", "heads"),  # level 0 has 16 channels: width 16, not 8
     "pool.depth": Case(3, "run", "heads"),

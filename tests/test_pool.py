@@ -53,6 +53,19 @@ def test_refresh_rate_observed_matches_configured():
     assert refresh_ids(lay, 0, 5, 0.3) == refresh_ids(lay, 0, 5, 0.3)
 
 
+def test_refresh_by_use_takes_only_the_active_heads_at_the_same_rate():
+    lay, _ = layout()
+    draws = [sample_active(lay, 0, i, 1).head_ids for i in range(2000)]
+    used = [refresh_ids(lay, 0, i, 0.3, among=d) for i, d in enumerate(draws)]
+    for i, (d, ids) in enumerate(zip(draws, used, strict=True)):
+        assert set(ids) <= set(d)
+        assert ids == [h for h in refresh_ids(lay, 0, i, 0.3) if h in d]  # the same keyed draw
+    rate = sum(map(len, used)) / sum(map(len, draws))
+    assert 0.28 < rate < 0.32  # per use of a head
+    assert refresh_ids(lay, 0, 5, 1.0, among=draws[5]) == list(draws[5])
+    assert refresh_ids(lay, 0, 5, 1.0, among=()) == []
+
+
 def test_refresh_reinitialises_weights_and_zeroes_optimizer_state():
     lay, pcfg = layout(width=8, candidates=2, t_buckets=[10], kinds=["global_cond"], levels=[7])
     pool = HeadPool(lay, pcfg, seed=0)

@@ -9,7 +9,7 @@ process; a shard under distributed training) with one AdamW state per head.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, cast
 
@@ -151,12 +151,24 @@ def sample_active(
     return Draw(bucket, t_star, tuple(sorted(ids)))
 
 
-def refresh_ids(layout: PoolLayout, seed: int, iteration: int, rate: float) -> list[int]:
-    """Heads re-initialised after ``iteration``: each with probability ``rate``, keyed draw."""
+def refresh_ids(
+    layout: PoolLayout,
+    seed: int,
+    iteration: int,
+    rate: float,
+    among: Sequence[int] | None = None,
+) -> list[int]:
+    """Heads re-initialised after ``iteration``: each with probability ``rate``, keyed draw;
+    with ``among`` (``pool.refresh_by: use``: the iteration's active heads) only those can be, so
+    a head's life is counted in its own updates and none is replaced before it was used."""
     if rate <= 0:
         return []
     u = torch.rand(layout.num_heads, generator=rng.keyed_generator(seed, iteration, rng.REFRESH))
-    return torch.nonzero(u < rate).flatten().tolist()
+    ids = torch.nonzero(u < rate).flatten().tolist()
+    if among is None:
+        return ids
+    eligible = set(among)
+    return [i for i in ids if i in eligible]
 
 
 def init_head_(head: Head, seed: int, iteration: int, head_id: int) -> None:
