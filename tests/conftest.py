@@ -84,6 +84,33 @@ def tiny_models():
     return build_tiny_sdxl(0)
 
 
+@pytest.fixture(scope="module")
+def one_rank_group():
+    """A one-rank gloo group in this process (``parallel.init_process_group``, as the DeepSpeed
+    benchmarks make it), for the tests of one DeepSpeed engine; destroyed after the module."""
+    import torch.distributed as dist
+
+    from nitro_dist.distributed.parallel import free_port, init_process_group
+
+    # the launcher's variables, set through monkeypatch: put back afterwards as they were (unset
+    # ones unset), or later tests' processes would inherit this group's port, which DeepSpeed
+    # keeps bound
+    one_rank = {"MASTER_ADDR": "127.0.0.1", "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1"}
+    with pytest.MonkeyPatch.context() as mp:
+        for k, v in {**one_rank, "MASTER_PORT": str(free_port())}.items():
+            mp.setenv(k, v)
+        init_process_group(torch.device("cpu"))
+        try:
+            yield
+        finally:
+            from deepspeed.comm import comm as ds_comm
+
+            if ds_comm.cdb is not None:  # DeepSpeed's own teardown also drops the groups it
+                ds_comm.destroy_process_group()  # keeps: the next module's group is new to it
+            else:
+                dist.destroy_process_group()
+
+
 @pytest.fixture(scope="session")
 def short_digits_run(tmp_path_factory):
     """A digits run of 2 iterations through the training loop (checkpoint, config, metrics):

@@ -158,35 +158,16 @@ def test_unknown_target_module_names_the_key():
         build_run(_cfg("student.lora.target_modules=[no_such_layer]"), progress=False)
 
 
-# the tiny SDXL UNet at 2 levels, 1 layer each, and a light iteration (as tests/test_trust.py's
-# DeepSpeed check): what is checked does not depend on the depth
-SMALL_UNET = {**tiny.TINY_SDXL_UNET, "block_out_channels": [16, 32], "layers_per_block": 1,
-              "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D"],
-              "up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D"],
-              "transformer_layers_per_block": [1, 1], "attention_head_dim": [2, 4]}  # fmt: skip
+# a light iteration (as tests/test_trust.py's DeepSpeed check): what is checked does not depend
+# on it
 LIGHT = ["train.batch_size=2", "teacher.timesteps=[999,499]", "pool.levels=[0]"]
 
 
 @pytest.fixture(scope="module")
-def one_rank_group():
-    """A one-rank gloo group in this process (``parallel.init_process_group``, as the DeepSpeed
-    benchmarks make it) and the small models, built once: each run copies the student."""
-    import torch.distributed as dist
-
-    from nitro_dist.distributed.parallel import free_port, init_process_group
-
-    # the launcher's variables, set through monkeypatch (as test_perf_benchmarks does): put back
-    # afterwards as they were (unset ones unset), or later tests' processes would inherit this
-    # group's port, which DeepSpeed keeps bound
-    one_rank = {"MASTER_ADDR": "127.0.0.1", "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1"}
-    with pytest.MonkeyPatch.context() as mp:
-        for k, v in {**one_rank, "MASTER_PORT": str(free_port())}.items():
-            mp.setenv(k, v)
-        init_process_group(torch.device("cpu"))
-        try:
-            yield build_sdxl_from_configs(SMALL_UNET, tiny.TINY_SDXL_TEXT_ENCODERS, None)
-        finally:
-            dist.destroy_process_group()
+def small_models(one_rank_group):
+    """The 2-level tiny SDXL models, built once in the one-rank group: each run copies the
+    student."""
+    return build_sdxl_from_configs(tiny.TINY_SDXL_UNET_2LEVEL, tiny.TINY_SDXL_TEXT_ENCODERS, None)
 
 
 def _deepspeed_run(cfg, models, resume=None):
@@ -205,11 +186,11 @@ def _deepspeed_run(cfg, models, resume=None):
 
 
 @pytest.mark.parametrize("stage", [0, 2])
-def test_deepspeed_steps_with_the_scheduled_g_lr(one_rank_group, stage):
+def test_deepspeed_steps_with_the_scheduled_g_lr(small_models, stage):
     """optim.warmup_iterations under DeepSpeed: the AdamW the engine steps (stage 0: ours; ZeRO:
     the one under its partition) takes the schedule's lr, and the iteration reports it."""
     cfg = _cfg(f"distributed.zero_stage={stage}", "optim.warmup_iterations=4", *LIGHT)
-    run = _deepspeed_run(cfg, one_rank_group)
+    run = _deepspeed_run(cfg, small_models)
     seen: list[float] = []
     base = run.g.optimizer if stage == 0 else run.g.optimizer.optimizer
     base.register_step_pre_hook(lambda opt, *_: seen.append(opt.param_groups[0]["lr"]))
@@ -219,12 +200,12 @@ def test_deepspeed_steps_with_the_scheduled_g_lr(one_rank_group, stage):
 
 
 @pytest.mark.parametrize("stage", [0, 1, 2])
-def test_deepspeed_steps_and_checkpoints_only_the_adapters(one_rank_group, stage, tmp_path):
+def test_deepspeed_steps_and_checkpoints_only_the_adapters(small_models, stage, tmp_path):
     """LoRA under DeepSpeed ZeRO 0/1/2: DeepSpeed's optimizer holds the adapters only (the
     base stays bit-identical, the adapters move), the checkpoint holds the adapters and their
     AdamW state only, and a run resumed from it takes the next step the straight run takes."""
     cfg = _cfg(f"distributed.zero_stage={stage}", *LIGHT)
-    run = _deepspeed_run(cfg, one_rank_group)
+    run = _deepspeed_run(cfg, small_models)
     s = run.models.student
     adapters = lora.trainable(s)
     assert type(run.g).__name__ == "DeepSpeedUpdate" and adapters
@@ -249,7 +230,7 @@ def test_deepspeed_steps_and_checkpoints_only_the_adapters(one_rank_group, stage
     assert sorted(tuple(v.shape) for k, v in state.items() if "exp_avg_sq" in k) == shapes
     # resumed: the next iteration equals the straight run's (seen: bit-identical; bound 1e-6,
     # an optimizer state lost or misplaced moves the adapters by ~lr = 1e-2)
-    again = _deepspeed_run(cfg, one_rank_group, resume=tmp_path)
+    again = _deepspeed_run(cfg, small_models, resume=tmp_path)
     assert again.state["iteration"] == 1
     m_straight, m_resumed = train_step(run, 1), train_step(again, 1)
     assert m_resumed["g_loss"] == pytest.approx(m_straight["g_loss"], abs=1e-6)

@@ -90,6 +90,19 @@ TINY_SDXL_UNET: dict[str, Any] = {
     "norm_num_groups": 8,
 }
 
+# the same UNet at 2 levels, 1 layer each (a DownBlock2D and a cross-attention block): for the
+# tests of one DeepSpeed engine, where what is checked does not depend on the depth and ZeRO-3
+# gathers every parameter of every call (fewer tensors, less time)
+TINY_SDXL_UNET_2LEVEL: dict[str, Any] = {
+    **TINY_SDXL_UNET,
+    "block_out_channels": [16, 32],
+    "layers_per_block": 1,
+    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D"],
+    "up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D"],
+    "transformer_layers_per_block": [1, 1],
+    "attention_head_dim": [2, 4],
+}
+
 # A tiny AutoencoderKL for latent-space tests (factor 2 downsampling, 4 latent channels).
 TINY_VAE: dict[str, Any] = {
     "in_channels": 3,
