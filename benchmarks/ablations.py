@@ -1,6 +1,9 @@
-"""The paper's ablations on the digits task, same budget each, several seeds.
+"""The paper's ablations on the digits task at the digits preset, several seeds, with a paired
+significance test against the full method.
 
-  python benchmarks/ablations.py [--iterations 300] [--seeds 0 1 2] [--eval-images 1000]
+  python benchmarks/ablations.py [--seeds 0 1 2 3 4] [--eval-images 2000] [--max-minutes M]
+  python benchmarks/ablations.py --tag long --iterations 1350 --seeds 0 1 2 \\
+      --variants full no_refresh no_dynamic_pool      # does a static pool overfit over time?
 
 Variants (each a set of config overrides on configs/digits.yaml):
   full             the method as configured
@@ -8,10 +11,16 @@ Variants (each a set of config overrides on configs/digits.yaml):
   no_dynamic_pool  one static head per slot (pool.candidates=1, no refresh)
   no_multiscale    global heads only (pool.kinds=[global_cond])
   no_uncond        no unconditional heads (pool.kinds=[global_cond, local_cond])
-Each run trains single-process (loop.train) for --iterations and evaluates FID-digits and
-alignment at 1 and 4 steps on --eval-images images. Prints mean +- std over seeds and writes
-benchmarks/results/ablations.{md,csv,png}. The default budget takes about 40-50 minutes on
-2 CPU cores.
+Each run is the preset's recipe (its one-step stage, then the NitroFusion stage for
+--iterations, the preset's length by default) in one process (loop.train), and its final EMA is
+evaluated on --eval-images images (FID-digits and alignment at 1, 2 and 4 steps).
+
+Runs accumulate: every finished run is appended to benchmarks/results/ablations_<tag>_runs.csv
+at once, and a run already there (same variant, seed, iterations and images) is not run again,
+so a study of 25 runs of ~10 minutes can be filled over several sittings (--max-minutes stops
+starting new runs after that long). The summary (mean +- sd over seeds, and for each variant
+the paired t-test against full over the seeds both have) is rewritten from all rows every time:
+ablations_<tag>.md, .png.
 """
 
 from __future__ import annotations
@@ -31,46 +40,124 @@ VARIANTS = {
     "no_multiscale": ["pool.kinds=[global_cond]"],
     "no_uncond": ["pool.kinds=[global_cond, local_cond]"],
 }
-METRICS = ["fid_digits_1step", "alignment_1step", "fid_digits_4step", "alignment_4step"]
+STEPS = (1, 2, 4)
+METRICS = [f"{m}_{s}step" for s in STEPS for m in ("fid_digits", "alignment")]
+KEY = ("variant", "seed", "iterations", "eval_images", "overrides")
 
 
-def run_one(variant: str, seed: int, args) -> dict:
+def run_one(variant: str, seed: int, iterations: int, eval_images: int, extra: list[str]) -> dict:
     from nitro_dist.config import load_config
     from nitro_dist.loop import train
 
     overrides = [
         *VARIANTS[variant],
         f"seed={seed}",
-        f"train.iterations={args.iterations}",
+        f"train.iterations={iterations}",
         "train.eval_every=0",
         "train.sample_every=0",
         "train.checkpoint_every=0",
-        f"train.eval_images={args.eval_images}",
+        f"train.eval_images={eval_images}",
         "logging.wandb=false",
         "logging.progress=false",
+        *extra,
     ]
     cfg = load_config("digits", overrides)
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.time()
         final = train(cfg, Path(tmp))
-    row = {"variant": variant, "seed": seed, "seconds": round(time.time() - t0, 1)}
-    row.update({k: final[k] for k in METRICS})
+    row: dict = {"variant": variant, "seed": seed, "iterations": iterations}
+    row.update({"eval_images": eval_images, "overrides": " ".join(extra)})
+    row["seconds"] = round(time.time() - t0, 1)
+    row.update({k: round(float(final[k]), 4) for k in METRICS})
     return row
 
 
-def summarise(rows: list[dict]) -> list[dict]:
+def read_rows(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    with path.open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    for r in rows:
+        for k in ("seed", "iterations", "eval_images"):
+            r[k] = int(r[k])
+        for k in ("seconds", *METRICS):
+            r[k] = float(r[k])
+        r["overrides"] = r.get("overrides") or ""
+    return rows
+
+
+def append_row(path: Path, row: dict) -> None:
+    new = not path.exists()
+    with path.open("a", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(row))
+        if new:
+            w.writeheader()
+        w.writerow(row)
+
+
+def paired_p(a: dict[int, float], b: dict[int, float]) -> tuple[int, float | None]:
+    """Seeds both have, and the two-sided paired t-test's p-value over them (None below 2)."""
+    from scipy.stats import ttest_rel
+
+    seeds = sorted(set(a) & set(b))
+    if len(seeds) < 2:
+        return len(seeds), None
+    xs, ys = [a[s] for s in seeds], [b[s] for s in seeds]
+    if xs == ys:
+        return len(seeds), 1.0
+    return len(seeds), float(ttest_rel(xs, ys).pvalue)
+
+
+def summarise(rows: list[dict], variants: list[str]) -> list[dict]:
+    by = {v: {r["seed"]: r for r in rows if r["variant"] == v} for v in variants}
     out = []
-    for variant in VARIANTS:
-        mine = [r for r in rows if r["variant"] == variant]
+    for variant in variants:
+        mine = list(by[variant].values())
         if not mine:
             continue
-        s = {"variant": variant, "seeds": len(mine)}
+        s: dict = {"variant": variant, "seeds": sorted(by[variant])}
         for k in METRICS:
             vals = [r[k] for r in mine]
             s[k] = statistics.mean(vals)
             s[f"{k}_sd"] = statistics.stdev(vals) if len(vals) > 1 else 0.0
+        for step in STEPS:
+            k = f"fid_digits_{step}step"
+            mine_k = {seed: r[k] for seed, r in by[variant].items()}
+            full_k = {seed: r[k] for seed, r in by.get("full", {}).items()}
+            s[f"paired_{step}"] = paired_p(mine_k, full_k) if variant != "full" else None
         out.append(s)
     return out
+
+
+def table(summary: list[dict], title: str) -> str:
+    lines = [
+        title,
+        "",
+        "FID-digits / alignment, mean +- sd over the seeds; p: two-sided paired t-test of the "
+        "variant's FID against full's over the seeds both have (n), lower FID is better.",
+        "",
+        "| variant | seeds | 1 step | 2 steps | 4 steps | p vs full (1 / 2 / 4 steps) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for s in summary:
+        cells = [
+            f"{s[f'fid_digits_{k}step']:.2f} +- {s[f'fid_digits_{k}step_sd']:.2f} / "
+            f"{100 * s[f'alignment_{k}step']:.1f}%"
+            for k in STEPS
+        ]
+        tests = []
+        for k in STEPS:
+            pair = s[f"paired_{k}"]
+            if pair is None:
+                tests.append("-")
+            else:
+                n, p = pair
+                tests.append(f"n={n}" if p is None else f"{p:.3f} (n={n})")
+        seeds = ",".join(map(str, s["seeds"]))
+        lines.append(
+            f"| {s['variant']} | {seeds} | " + " | ".join(cells) + f" | {' / '.join(tests)} |"
+        )
+    return "\n".join(lines)
 
 
 def plot(summary: list[dict], path: Path) -> None:
@@ -79,54 +166,69 @@ def plot(summary: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
+    fig, axes = plt.subplots(1, len(STEPS), figsize=(4 * len(STEPS), 3.5))
     names = [s["variant"] for s in summary]
-    for ax, k in zip(axes, ["fid_digits_1step", "fid_digits_4step"], strict=True):
+    for ax, step in zip(axes, STEPS, strict=True):
+        k = f"fid_digits_{step}step"
         ax.bar(names, [s[k] for s in summary], yerr=[s[f"{k}_sd"] for s in summary], capsize=4)
-        ax.set_ylabel(k)
+        ax.set_ylabel(f"FID-digits, {step} step{'s' if step > 1 else ''}")
         ax.tick_params(axis="x", rotation=30)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--iterations", type=int, default=300)
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--eval-images", type=int, default=1000)
-    ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
-    ap.add_argument("--out", type=Path, default=RESULTS, help="where the table and plot go")
-    args = ap.parse_args()
-    rows = []
-    for seed in args.seeds:
-        for variant in args.variants:
-            rows.append(run_one(variant, seed, args))
-            print(rows[-1], flush=True)
-    summary = summarise(rows)
-    header = (
-        "| variant | FID-digits 1 step | alignment 1 step | FID-digits 4 steps "
-        "| alignment 4 steps |"
+def main(argv: list[str] | None = None) -> None:
+    from nitro_dist.config import load_config
+
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    lines = [
-        f"# Ablations (digits, {args.iterations} iterations each, seeds {args.seeds}, "
-        f"{args.eval_images} evaluation images)",
-        "",
-        header,
-        "|---|---|---|---|---|",
-    ]
-    for s in summary:
-        cells = [f"{s[k]:.2f} +- {s[f'{k}_sd']:.2f}" for k in METRICS]
-        lines.append(f"| {s['variant']} | " + " | ".join(cells) + " |")
-    table = "\n".join(lines)
-    print(table)
+    preset = load_config("digits").train.iterations
+    ap.add_argument("--iterations", type=int, default=preset, help=f"default: {preset}")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    ap.add_argument("--eval-images", type=int, default=2000)
+    ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    ap.add_argument("--tag", default="default", help="names the study's files")
+    ap.add_argument("--max-minutes", type=float, default=None, help="no new run after this")
+    ap.add_argument("--out", type=Path, default=RESULTS, help="where the files go")
+    ap.add_argument("overrides", nargs="*", help="key=value for every run (kept with each row)")
+    args = ap.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "ablations.md").write_text(table + "\n")
-    with (args.out / "ablations.csv").open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
-    plot(summary, args.out / "ablations.png")
+    runs = args.out / f"ablations_{args.tag}_runs.csv"
+    extra = " ".join(args.overrides)
+    t0 = time.time()
+    for seed in args.seeds:  # seed-major: a partial study still pairs every variant with full
+        for variant in args.variants:
+            done = {tuple(r[k] for k in KEY) for r in read_rows(runs)}
+            if (variant, seed, args.iterations, args.eval_images, extra) in done:
+                continue
+            if args.max_minutes is not None and time.time() - t0 > 60 * args.max_minutes:
+                print(f"--max-minutes {args.max_minutes} reached: no new run", flush=True)
+                break
+            row = run_one(variant, seed, args.iterations, args.eval_images, args.overrides)
+            append_row(runs, row)
+            print(row, flush=True)
+    rows = [
+        r
+        for r in read_rows(runs)
+        if (r["iterations"], r["eval_images"], r["overrides"])
+        == (args.iterations, args.eval_images, extra)
+    ]
+    if not rows:
+        print("no finished run yet")
+        return
+    summary = summarise(rows, list(VARIANTS))
+    text = table(
+        summary,
+        f"# Ablations, digits preset ({args.tag}: {args.iterations} iterations of the "
+        f"NitroFusion stage after the preset's one-step stage, {args.eval_images} images"
+        + (f"; every run with {extra}" if extra else "")
+        + ")",
+    )
+    print(text)
+    (args.out / f"ablations_{args.tag}.md").write_text(text + "\n")
+    plot(summary, args.out / f"ablations_{args.tag}.png")
 
 
 if __name__ == "__main__":
