@@ -12,7 +12,8 @@ Variants (each a set of config overrides on configs/digits.yaml):
   no_multiscale    global heads only (pool.kinds=[global_cond])
   no_uncond        no unconditional heads (pool.kinds=[global_cond, local_cond])
 Each run is the preset's recipe (its one-step stage, then the NitroFusion stage for
---iterations, the preset's length by default) in one process (loop.train), and its final EMA is
+--iterations, the preset's length by default) on Ray Train as `make train` runs it (the preset's
+2 workers; one local Ray for the whole study, or RAY_ADDRESS's cluster), and its final EMA is
 evaluated on --eval-images images (FID-digits and alignment at 1, 2 and 4 steps).
 
 Runs accumulate: every finished run is appended to benchmarks/results/ablations_<tag>_runs.csv
@@ -47,7 +48,7 @@ KEY = ("variant", "seed", "iterations", "eval_images", "overrides")
 
 def run_one(variant: str, seed: int, iterations: int, eval_images: int, extra: list[str]) -> dict:
     from nitro_dist.config import load_config
-    from nitro_dist.loop import train
+    from nitro_dist.distributed.ray_train import launch
 
     overrides = [
         *VARIANTS[variant],
@@ -61,10 +62,10 @@ def run_one(variant: str, seed: int, iterations: int, eval_images: int, extra: l
         "logging.progress=false",
         *extra,
     ]
-    cfg = load_config("digits", overrides)
     with tempfile.TemporaryDirectory() as tmp:
+        cfg = load_config("digits", [*overrides, f"distributed.storage_path={tmp}"])
         t0 = time.time()
-        final = train(cfg, Path(tmp))
+        final = launch(cfg)  # as make train runs it: Ray Train, the preset's workers
     row: dict = {"variant": variant, "seed": seed, "iterations": iterations}
     row.update({"eval_images": eval_images, "overrides": " ".join(extra)})
     row["seconds"] = round(time.time() - t0, 1)
