@@ -158,8 +158,8 @@ def test_unknown_target_module_names_the_key():
         build_run(_cfg("student.lora.target_modules=[no_such_layer]"), progress=False)
 
 
-# a light iteration (as tests/test_trust.py's DeepSpeed check): what is checked does not depend
-# on it
+# a light iteration (as tests/test_trust.py's DeepSpeed check): what these tests check does not
+# depend on its size
 LIGHT = ["train.batch_size=2", "teacher.timesteps=[999,499]", "pool.levels=[0]"]
 
 
