@@ -199,17 +199,18 @@ def main(argv: list[str] | None = None) -> None:
     runs = args.out / f"ablations_{args.tag}_runs.csv"
     extra = " ".join(args.overrides)
     t0 = time.time()
-    for seed in args.seeds:  # seed-major: a partial study still pairs every variant with full
-        for variant in args.variants:
-            done = {tuple(r[k] for k in KEY) for r in read_rows(runs)}
-            if (variant, seed, args.iterations, args.eval_images, extra) in done:
-                continue
-            if args.max_minutes is not None and time.time() - t0 > 60 * args.max_minutes:
-                print(f"--max-minutes {args.max_minutes} reached: no new run", flush=True)
-                break
-            row = run_one(variant, seed, args.iterations, args.eval_images, args.overrides)
-            append_row(runs, row)
-            print(row, flush=True)
+    # seed-major: a partial study still pairs every variant with full
+    todo = [(seed, variant) for seed in args.seeds for variant in args.variants]
+    for seed, variant in todo:
+        done = {tuple(r[k] for k in KEY) for r in read_rows(runs)}
+        if (variant, seed, args.iterations, args.eval_images, extra) in done:
+            continue
+        if args.max_minutes is not None and time.time() - t0 > 60 * args.max_minutes:
+            print(f"--max-minutes {args.max_minutes} reached: no new run", flush=True)
+            break
+        row = run_one(variant, seed, args.iterations, args.eval_images, args.overrides)
+        append_row(runs, row)
+        print(row, flush=True)
     rows = [
         r
         for r in read_rows(runs)
