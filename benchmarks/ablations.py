@@ -201,8 +201,8 @@ def main(argv: list[str] | None = None) -> None:
     t0 = time.time()
     # seed-major: a partial study still pairs every variant with full
     todo = [(seed, variant) for seed in args.seeds for variant in args.variants]
+    done = {tuple(r[k] for k in KEY) for r in read_rows(runs)}
     for seed, variant in todo:
-        done = {tuple(r[k] for k in KEY) for r in read_rows(runs)}
         if (variant, seed, args.iterations, args.eval_images, extra) in done:
             continue
         if args.max_minutes is not None and time.time() - t0 > 60 * args.max_minutes:
