@@ -116,6 +116,10 @@ class PoolConfig:
     kinds: list[str] = field(default_factory=lambda: list(HEAD_KINDS))
     t_buckets: list[int] = field(default_factory=lambda: [10, 250, 500, 750])
     t_jitter: int = 0  # t* drawn uniformly within +-jitter of the bucket centre
+    # how t* is drawn: "iteration" one bucket per iteration for the whole batch (its slots'
+    # heads active); "sample" a bucket per sample, every bucket's heads active, each judging
+    # only its bucket's samples (4x the heads per iteration, each active every iteration)
+    t_star_per: Literal["iteration", "sample"] = "iteration"
     levels: list[int] = field(default_factory=list)  # backbone levels with heads; empty = all
     candidates: int = 4  # heads per slot (kind, bucket, level)
     heads_per_slot: int = 1  # active heads per slot each iteration

@@ -32,16 +32,36 @@ def g_loss_head(fake: torch.Tensor, kind: str = "hinge") -> torch.Tensor:
 
 
 def d_loss(
-    reals: list[torch.Tensor], fakes: list[torch.Tensor], kind: str = "hinge"
+    reals: list[torch.Tensor],
+    fakes: list[torch.Tensor],
+    kind: str = "hinge",
+    weights: list[float] | None = None,
+    num_heads: int | None = None,
 ) -> torch.Tensor:
-    """Mean over active heads of each head's discriminator loss."""
+    """Mean over active heads of each head's discriminator loss (``mean_over_heads``)."""
     losses = [d_loss_head(r, f, kind) for r, f in zip(reals, fakes, strict=True)]
-    return torch.stack(losses).mean()
+    return mean_over_heads(losses, weights, num_heads)
 
 
-def g_loss(fakes: list[torch.Tensor], kind: str = "hinge") -> torch.Tensor:
-    """Mean over active heads of each head's generator loss."""
-    return torch.stack([g_loss_head(f, kind) for f in fakes]).mean()
+def g_loss(
+    fakes: list[torch.Tensor],
+    kind: str = "hinge",
+    weights: list[float] | None = None,
+    num_heads: int | None = None,
+) -> torch.Tensor:
+    """Mean over active heads of each head's generator loss (``mean_over_heads``)."""
+    return mean_over_heads([g_loss_head(f, kind) for f in fakes], weights, num_heads)
+
+
+def mean_over_heads(
+    losses: list[torch.Tensor], weights: list[float] | None, num_heads: int | None
+) -> torch.Tensor:
+    """The plain mean, or with a t* bucket per sample (``step.judge``) sum(weight x loss) over
+    the heads that judged samples here, divided by all ``num_heads`` active heads."""
+    if weights is None:
+        return torch.stack(losses).mean()
+    assert num_heads is not None and len(weights) == len(losses)
+    return torch.stack([w * x for w, x in zip(weights, losses, strict=True)]).sum() / num_heads
 
 
 @torch.no_grad()

@@ -45,7 +45,7 @@ from nitro_dist import step as S
 from nitro_dist.config import Config
 from nitro_dist.diffusion import StudentDenoiser
 from nitro_dist.discriminator.backbone import level_shapes
-from nitro_dist.discriminator.pool import Draw, PoolLayout, make_layout, sample_active
+from nitro_dist.discriminator.pool import Draw, PoolLayout, make_layout
 from nitro_dist.distributed.owners import owned_by, owner_map
 from nitro_dist.models import tiny
 from nitro_dist.models.builders import is_single_file, load_schedule
@@ -201,7 +201,7 @@ def draws(
 ) -> tuple[Draw, S.IterationNoise]:
     """Iteration 0's active heads and one micro-batch's noise (real tensors: drawn outside any
     fake mode, which cannot give the crops' numbers)."""
-    draw = sample_active(layout, cfg.seed, 0, cfg.pool.heads_per_slot)
+    draw = S.draw_heads(cfg, layout, 0)
     steps = S.enabled_steps(cfg.refinement.enable_at, 0)
     ids = list(range(micro_batch))
     return draw, S.draw_iteration_noise(cfg.seed, 0, ids, sample_shape, steps, draw, layout)
@@ -230,7 +230,7 @@ def iteration_peak(
     hooks = tracker.exclude_grads(student)
     with tracker, torch.autocast("cpu", torch.bfloat16, enabled=bf16):
         S.replay_phases(
-            student, teacher, denoiser, heads, layout, batch, noise, draw,
+            student, teacher, denoiser, heads, layout, batch, noise,
             loss_type=cfg.loss.type, d_steps=cfg.optim.d_steps_per_g_step,
             activation_checkpointing=cfg.model.gradient_checkpointing,
             grad_accum=cfg.train.grad_accum,
@@ -402,8 +402,13 @@ def plan(cfg: Config, *, activations: bool = True) -> Plan:
 
 
 def _replica_numel(cfg: Config, layout: PoolLayout) -> int:
-    """Parameters of the largest active set (one bucket's slots x heads_per_slot)."""
+    """Parameters of the largest active set (one bucket's slots x heads_per_slot; every
+    bucket's with pool.t_star_per=sample)."""
     c = layout.candidates
+    if cfg.pool.t_star_per == "sample":
+        return sum(layout.head_numel(s * c) for s in range(layout.num_slots)) * (
+            cfg.pool.heads_per_slot
+        )
     return max(
         sum(layout.head_numel(s * c) for s in layout.slots_of_bucket(b)) * cfg.pool.heads_per_slot
         for b in range(len(layout.t_buckets))

@@ -23,7 +23,7 @@ from nitro_dist.build import Run
 from nitro_dist.config import Config
 from nitro_dist.diffusion import StudentDenoiser, TeacherSampler
 from nitro_dist.discriminator.backbone import level_shapes
-from nitro_dist.discriminator.pool import make_layout, sample_active
+from nitro_dist.discriminator.pool import make_layout
 from nitro_dist.models.text import Cond
 from nitro_dist.step import train_step
 from nitro_dist.timing import PhaseTimer
@@ -109,7 +109,7 @@ def meta_iteration_flops(
         teacher = UNet2DConditionModel.from_config(teacher_config).requires_grad_(False).eval()
         student = UNet2DConditionModel.from_config(student_config).train()
         layout = make_layout(cfg.pool, level_shapes(teacher, sample_shape, c))
-    draw = sample_active(layout, cfg.seed, 0, cfg.pool.heads_per_slot)  # same shapes in any draw
+    draw = S.draw_heads(cfg, layout, 0)  # the same shapes in any draw
     with torch.device("meta"):
         heads = {h: layout.build_head(h) for h in draw.head_ids}
         x = torch.zeros(1, *sample_shape)
@@ -122,7 +122,7 @@ def meta_iteration_flops(
 
     def iteration(ckpt: bool) -> None:
         S.replay_phases(
-            student, teacher, denoiser, heads, layout, batch, noise, draw,
+            student, teacher, denoiser, heads, layout, batch, noise,
             loss_type=cfg.loss.type, d_steps=cfg.optim.d_steps_per_g_step,
             activation_checkpointing=ckpt,
         )  # fmt: skip

@@ -71,7 +71,7 @@ def progress_line(done: int, total: int, m: dict[str, float]) -> str:
     lr = f" g_lr={m['g_lr']:.2e}" if "g_lr" in m else ""  # G's lr, when a schedule sets it
     return (
         f"[iteration {done}/{total}] g_loss={m['g_loss']:.4f} d_loss={m['d_loss']:.4f} "
-        f"d_acc={m['d_acc_real']:.2f}/{m['d_acc_fake']:.2f} t*={m['t_star']}{lr} "
+        f"d_acc={m['d_acc_real']:.2f}/{m['d_acc_fake']:.2f} t*={m['t_star']:g}{lr} "
         f"refreshed={m['refreshed_heads']} images/s={m['images_per_s']:.1f}"
     )
 

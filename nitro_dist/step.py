@@ -35,6 +35,7 @@ from nitro_dist.timing import NO_TIMER, Timer
 
 if TYPE_CHECKING:
     from nitro_dist.build import Run
+    from nitro_dist.config import Config
 
 
 @dataclass
@@ -57,11 +58,22 @@ class IterationNoise:
     renoise_KBCHW: torch.Tensor  # fresh noise for the backward simulation, one per earlier step
     eps_BCHW: torch.Tensor  # the same epsilon re-noises real and fake to t*
     crops: dict[int, tuple[int, int]] = field(default_factory=dict)  # head id -> (top, left)
+    # t* bucket and t* of each sample (CPU; one value for all with pool.t_star_per=iteration),
+    # and each bucket's loss weight (``Draw.bucket_weights``)
+    bucket_B: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
+    t_B: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
+    bucket_weight: dict[int, float] = field(default_factory=dict)
 
     def slice(self, sl: slice) -> IterationNoise:
         """The draws of a micro-batch's samples (crops are per head, shared)."""
         return IterationNoise(
-            self.k_B[sl], self.renoise_KBCHW[:, sl], self.eps_BCHW[sl], self.crops
+            self.k_B[sl],
+            self.renoise_KBCHW[:, sl],
+            self.eps_BCHW[sl],
+            self.crops,
+            self.bucket_B[sl],
+            self.t_B[sl],
+            self.bucket_weight,
         )
 
 
@@ -85,7 +97,8 @@ def draw_iteration_noise(
     position of the sample in the global batch): ranks get distinct noise, and a run on W ranks
     draws exactly what a run on one rank draws for the same global batch. Crops are keyed by
     (seed, iteration) alone: every rank uses the same crop for a head. Step k is drawn from
-    ``steps`` uniformly, or in proportion to ``k_weights[k - 1]`` (refinement.k_weights)."""
+    ``steps`` uniformly, or in proportion to ``k_weights[k - 1]`` (refinement.k_weights). Each
+    sample's t* (bucket) is the draw's, for its position in the global batch."""
     probs = None
     if k_weights and len({k_weights[k - 1] for k in steps}) > 1:
         probs = torch.tensor([float(k_weights[k - 1]) for k in steps], dtype=torch.float64)
@@ -113,6 +126,9 @@ def draw_iteration_noise(
         torch.stack(renoise, dim=1).to(device),
         torch.stack(eps).to(device),
         crops,
+        draw.buckets_of(sample_ids),
+        draw.t_of(sample_ids),
+        draw.bucket_weights(),
     )
 
 
@@ -140,14 +156,14 @@ def _features(
     teacher: nn.Module,
     x0: torch.Tensor,
     eps: torch.Tensor,
-    t_star: int,
+    t_B: torch.Tensor,
     abar: torch.Tensor,
     cond: Cond,
     uncond: Cond | None,
     ckpt: bool,
 ) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
-    """Backbone features of x0 noised to t* (with and without the prompt)."""
-    t_B = torch.full((x0.shape[0],), t_star, dtype=torch.long, device=x0.device)
+    """Backbone features of x0 noised to each sample's t* (with and without the prompt)."""
+    t_B = t_B.to(x0.device)
     x_t = add_noise(x0, eps, t_B, abar)
     fc = backbone_features(teacher, x_t, t_B, cond, activation_checkpointing=ckpt)
     fu = None
@@ -156,24 +172,53 @@ def _features(
     return fc, fu
 
 
+@dataclass
+class Scores:
+    """The active heads' judgements of one set of backbone features."""
+
+    per_head: list[torch.Tensor]  # heads that judged samples here, by id
+    weights: list[float] | None  # their loss weights (None: all 1, every head judged)
+    num_heads: int  # active heads
+
+    def g_loss(self, kind: str) -> torch.Tensor:
+        return losses.g_loss(self.per_head, kind, self.weights, self.num_heads)
+
+
 def judge(
     heads: dict[int, Head],
     layout: PoolLayout,
     feats_c: list[torch.Tensor],
     feats_u: list[torch.Tensor] | None,
-    crops: dict[int, tuple[int, int]],
-) -> list[torch.Tensor]:
-    """Scores of every active head (sorted by id) on one set of backbone features."""
-    scores = []
+    noise: IterationNoise,
+) -> Scores:
+    """Scores of every active head (sorted by id) on the samples of its t* bucket: all of them
+    with one bucket per iteration. With a bucket per sample a head judges only its bucket's
+    samples, with weight n / b x the bucket's weight (``Draw.bucket_weights``), and a head none
+    of whose samples is in this (micro-)batch judges nothing (its gradient here is zero)."""
+    scores: list[torch.Tensor] = []
+    weights: list[float] = []
+    b = len(noise.bucket_B)
     for hid in sorted(heads):
         spec = layout.spec(hid)
+        sel = noise.bucket_B == spec.bucket
+        n = int(sel.sum())
+        if n == 0:
+            continue
         level_feats = feats_u if spec.kind == "local_uncond" else feats_c
         assert level_feats is not None, "local_uncond heads need the unconditional features"
         feats = level_feats[spec.level]
+        if n < b:
+            feats = feats[sel.to(feats.device)]
         if spec.kind != "global_cond":
-            feats = crop(feats, spec.in_size, *crops[hid])
+            feats = crop(feats, spec.in_size, *noise.crops[hid])
         scores.append(head_scores(heads[hid], feats, spec.kind))
-    return scores
+        weights.append(n / b * noise.bucket_weight[spec.bucket])
+    uniform = len(scores) == len(heads) and all(w == 1.0 for w in weights)
+    return Scores(scores, None if uniform else weights, len(heads))
+
+
+def d_loss(real: Scores, fake: Scores, kind: str) -> torch.Tensor:
+    return losses.d_loss(real.per_head, fake.per_head, kind, real.weights, real.num_heads)
 
 
 def _needs_uncond(heads: dict[int, Head], layout: PoolLayout) -> bool:
@@ -207,7 +252,6 @@ def generator_turn(
     layout: PoolLayout,
     batch: Batch,
     noise: IterationNoise,
-    draw: Draw,
     *,
     loss_type: str = "hinge",
     activation_checkpointing: bool = False,
@@ -227,15 +271,14 @@ def generator_turn(
             teacher,
             x0_fake,
             noise.eps_BCHW.to(x0_fake),
-            draw.t_star,
+            noise.t_B,
             denoiser.abar,
             batch.cond,
             uncond,
             activation_checkpointing,
         )
     with timer("heads"):
-        scores = judge(heads, layout, fc, fu, noise.crops)
-        loss = losses.g_loss(scores, loss_type)
+        loss = judge(heads, layout, fc, fu, noise).g_loss(loss_type)
     reg = paired_k1_loss(x0_fake, batch.x0_real, noise.k_B)
     detached = ([f.detach() for f in fc], None if fu is None else [f.detach() for f in fu])
     return GTurn(loss, x0_fake.detach(), detached, reg)
@@ -255,7 +298,6 @@ def real_features(
     layout: PoolLayout,
     batch: Batch,
     noise: IterationNoise,
-    draw: Draw,
     timer: Timer = NO_TIMER,
 ) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
     """Backbone features of the teacher's x0 noised with the same eps (no grad)."""
@@ -265,7 +307,7 @@ def real_features(
             teacher,
             batch.x0_real,
             noise.eps_BCHW.to(batch.x0_real),
-            draw.t_star,
+            noise.t_B,
             denoiser.abar,
             batch.cond,
             uncond,
@@ -285,16 +327,16 @@ def discriminator_turn(
 ) -> DTurn:
     """D turn on precomputed (no-grad) backbone features: only the heads get gradients."""
     with timer("heads"):
-        real = judge(heads, layout, *feats_real, noise.crops)
-        fake = judge(heads, layout, *feats_fake, noise.crops)
-        acc_r, acc_f = losses.d_accuracy(real, fake)
-        return DTurn(losses.d_loss(real, fake, loss_type), acc_r, acc_f)
+        real = judge(heads, layout, *feats_real, noise)
+        fake = judge(heads, layout, *feats_fake, noise)
+        acc_r, acc_f = losses.d_accuracy(real.per_head, fake.per_head)
+        return DTurn(d_loss(real, fake, loss_type), acc_r, acc_f)
 
 
 def replay_phases(
     student: nn.Module, teacher: nn.Module, denoiser: StudentDenoiser,
     heads: dict[int, Head], layout: PoolLayout, batch: Batch, noise: IterationNoise,
-    draw: Draw, *, loss_type: str, d_steps: int, activation_checkpointing: bool,
+    *, loss_type: str, d_steps: int, activation_checkpointing: bool,
     grad_accum: int = 1,
 ) -> None:  # fmt: skip
     """One micro-batch's G turn + backward, real features and D turns with their backwards, in
@@ -303,17 +345,17 @@ def replay_phases(
     for h in heads.values():
         h.requires_grad_(False)
     g = generator_turn(
-        student, teacher, denoiser, heads, layout, batch, noise, draw,
+        student, teacher, denoiser, heads, layout, batch, noise,
         loss_type=loss_type, activation_checkpointing=activation_checkpointing,
     )  # fmt: skip
     (g.loss / grad_accum if grad_accum > 1 else g.loss).backward()
     for h in heads.values():
         h.requires_grad_(True)
-    real = real_features(teacher, denoiser, heads, layout, batch, noise, draw)
+    real = real_features(teacher, denoiser, heads, layout, batch, noise)
     for _ in range(d_steps):
-        r = judge(heads, layout, *real, noise.crops)
-        f = judge(heads, layout, *g.feats_fake, noise.crops)
-        losses.d_loss(r, f, loss_type).backward()
+        r = judge(heads, layout, *real, noise)
+        f = judge(heads, layout, *g.feats_fake, noise)
+        d_loss(r, f, loss_type).backward()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -403,9 +445,7 @@ def _train_step(run: Run, iteration: int, timer: Timer) -> dict[str, float]:
     g_lr = optim.scheduled_lr(cfg.optim, cfg.train.iterations, iteration)
     if g_lr is not None:  # optim.lr_schedule / optim.warmup_iterations
         run.g.set_lr(g_lr)
-    draw = sample_active(
-        run.layout, cfg.seed, iteration, cfg.pool.heads_per_slot, cfg.pool.t_jitter
-    )
+    draw = draw_heads(cfg, run.layout, iteration)
     with timer("pool_gather"):
         pending = pool.start_gather(draw.head_ids)  # the transfer overlaps making the batch
     with timer("data"):
@@ -439,7 +479,6 @@ def _train_step(run: Run, iteration: int, timer: Timer) -> dict[str, float]:
             run.layout,
             batch.slice(sl),
             noise.slice(sl),
-            draw,
             loss_type=cfg.loss.type,
             activation_checkpointing=cfg.model.gradient_checkpointing,
             timer=timer,
@@ -465,7 +504,6 @@ def _train_step(run: Run, iteration: int, timer: Timer) -> dict[str, float]:
             run.layout,
             batch.slice(sl),
             noise.slice(sl),
-            draw,
             timer=timer,
         )
         for sl in micro
@@ -524,7 +562,7 @@ def _train_step(run: Run, iteration: int, timer: Timer) -> dict[str, float]:
         "d_acc_real": acc_real,
         "d_acc_fake": acc_fake,
         "g_grad_norm": gnorm,
-        "t_star": draw.t_star,
+        "t_star": draw.mean_t,  # the batch's mean with a bucket per sample
         "active_heads": len(draw.head_ids),
         "refreshed_heads": len(refreshed),
         "mean_k": noise.k_B.float().mean().item(),
@@ -538,6 +576,13 @@ def grads_finite(heads: Iterable[nn.Module]) -> bool:
         torch.isfinite(p.grad).all() for h in heads for p in h.parameters() if p.grad is not None
     ]
     return bool(torch.stack(flags).all()) if flags else True
+
+
+def draw_heads(cfg: Config, layout: PoolLayout, iteration: int) -> Draw:
+    """The iteration's t* (one, or per sample with pool.t_star_per=sample) and active heads."""
+    p = cfg.pool
+    per_sample = cfg.train.batch_size if p.t_star_per == "sample" else 0
+    return sample_active(layout, cfg.seed, iteration, p.heads_per_slot, p.t_jitter, per_sample)
 
 
 def micro_slices(batch: int, n: int) -> list[slice]:

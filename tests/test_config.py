@@ -160,6 +160,7 @@ VALIDATE_CASES = {
         (["optim.ema_warmup_iterations=-1"], "optim.ema_warmup_iterations"),
         (["optim.lr_schedule=linear"], "optim.lr_schedule"),
         (["pool.refresh_by=often"], "pool.refresh_by"),
+        (["pool.t_star_per=batch"], "pool.t_star_per"),
         (["optim.fused=1"], "optim.fused"),
         (["optim.state_bits=4"], "optim.state_bits"),
         (["optim.state_bits=8", "optim.fused=true"], "optim.state_bits"),

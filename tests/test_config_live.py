@@ -167,6 +167,7 @@ KEYS: dict[str, Case] = {
     "pool.kinds": Case(["global_cond"], "run", "layout"),
     "pool.t_buckets": Case([10, 250, 750], "run", "layout"),
     "pool.t_jitter": Case(9, "step", "metrics"),
+    "pool.t_star_per": Case("sample", "step", "metrics"),  # more heads active, t* per sample
     "pool.levels": Case([0, 1], "run", "layout"),
     "pool.candidates": Case(3, "run", "layout"),
     "pool.heads_per_slot": Case(2, "step", "metrics"),

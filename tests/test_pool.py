@@ -44,6 +44,36 @@ def test_t_jitter_stays_near_bucket():
         assert abs(d.t_star - lay.t_buckets[d.bucket]) <= 20
 
 
+def test_a_bucket_per_sample_keys_each_sample_and_activates_the_buckets_drawn():
+    """pool.t_star_per=sample: each position of the global batch draws its own bucket (and
+    jitter), keyed by position (a larger batch extends a smaller one's draws); every slot of
+    each bucket drawn gets its heads; the loss weights make each bucket's samples count as a
+    whole batch."""
+    lay, _ = layout(candidates=4)
+    a = sample_active(lay, 3, 17, 1, t_jitter=20, per_sample=64)
+    assert a == sample_active(lay, 3, 17, 1, t_jitter=20, per_sample=64)
+    assert (a.bucket, a.t_star) == (-1, -1) and len(a.sample_buckets) == len(a.sample_t) == 64
+    assert set(a.sample_buckets) == {0, 1, 2, 3}
+    for b, t in zip(a.sample_buckets, a.sample_t, strict=True):
+        assert abs(t - lay.t_buckets[b]) <= 20
+    slots = sorted(h // lay.candidates for h in a.head_ids)
+    assert slots == list(range(lay.num_slots))  # every slot of every bucket, one head each
+    w = a.bucket_weights()
+    assert all(a.sample_buckets.count(b) * w[b] == 64 for b in w)
+    small = sample_active(lay, 3, 17, 1, t_jitter=20, per_sample=3)
+    assert small.sample_buckets == a.sample_buckets[:3] and small.sample_t == a.sample_t[:3]
+    present = sorted(set(small.sample_buckets))
+    assert sorted({h // lay.candidates for h in small.head_ids}) == sorted(
+        s for b in present for s in lay.slots_of_bucket(b)
+    )
+    assert a.buckets_of([5, 0]).tolist() == [a.sample_buckets[5], a.sample_buckets[0]]
+    one = sample_active(lay, 3, 17, 1)  # one bucket per iteration: its value for every sample
+    assert one.buckets_of([0, 1]).tolist() == [one.bucket] * 2
+    assert one.t_of([0, 1]).tolist() == [one.t_star] * 2 and one.bucket_weights() == {
+        one.bucket: 1.0
+    }
+
+
 def test_refresh_rate_observed_matches_configured():
     lay, _ = layout()
     n = sum(len(refresh_ids(lay, 0, i, 0.01)) for i in range(500))

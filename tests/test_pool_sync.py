@@ -38,8 +38,17 @@ VARIANTS = {
     "lora": ["student.lora.rank=4", "student.lora.alpha=8", "optim.lr=2e-3"],
     # the one-step stage first: 2 regression steps of AdamW at lr 1e-3 on each rank's half batch
     "init": ["init.iterations=2", "init.lr=1e-3"],
+    # a t* bucket per sample: W=1 judges micro-batches of 2, each W=2 rank micro-batches of 1
+    # sample (one bucket each: the other buckets' heads judge nothing there, and get gradients
+    # from the other micro-batch or rank), weighted to the same loss
+    "per_sample": ["pool.t_star_per=sample", "train.grad_accum=2"],
 }
-W1_VARIANTS = ("", "lora", "init")  # the W=1 references (the others change only how W=2 talks)
+W1_VARIANTS = (
+    "",
+    "lora",
+    "init",
+    "per_sample",
+)  # the W=1 references (the others change only how W=2 talks)
 # 12 offline pairs in teacher batches of 4: 3 batches, rank 0 computes 2 of them, rank 1 one
 PAIRS = ["teacher.mode=offline", "teacher.offline_pairs=12", "teacher.batch_size=4"]
 
@@ -131,6 +140,7 @@ def runs(tmp_path_factory):
     one = run_rank(0, 1, out)
     run_rank(0, 1, out, "lora")
     run_rank(0, 1, out, "init")
+    run_rank(0, 1, out, "per_sample")
     torch.save(pair_builds(0, 1, out), os.path.join(out, "pairs_w1_r0.pt"))
     mp.spawn(_worker, args=(2, free_port(), out), nprocs=2, join=True, start_method="spawn")
     two = {
@@ -163,7 +173,11 @@ def test_w1_and_w2_give_the_same_generator_and_pool(runs, variant):
         **load_file(os.path.join(out, f"heads_w2{variant}_r1.safetensors")),
     }
     assert h1.keys() == h2.keys()  # every head owned exactly once across the two ranks
+    pool_lr = load_config("tiny", OVERRIDES + VARIANTS[variant]).pool.lr
     for k in h1:  # float-order noise grows with the head's values (lr 2e-3): relative part too
+        if variant == "per_sample":  # a head judging 1 or 2 samples: near-zero gradients too
+            assert_adamw_close(h1[k], h2[k], atol=2e-5, lr=pool_lr, steps=ITERS, msg=k)
+            continue
         torch.testing.assert_close(h1[k], h2[k], rtol=1e-4, atol=2e-5)
     early = [t["early"] for t in two[variant]]
     if variant == "lora":  # the adapters moved; the frozen base did not

@@ -9,6 +9,7 @@ process; a shard under distributed training) with one AdamW state per head.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, cast
@@ -128,27 +129,83 @@ def make_layout(pool_cfg, level_shapes: list[tuple[int, int, int]]) -> PoolLayou
 
 @dataclass(frozen=True)
 class Draw:
-    bucket: int
-    t_star: int
+    bucket: int  # the iteration's t* bucket; -1 with a bucket per sample
+    t_star: int  # the iteration's t*; -1 with a bucket per sample
     head_ids: tuple[int, ...]  # sorted global ids of the active heads
+    # pool.t_star_per=sample: bucket and t* of every sample of the global batch (by position)
+    sample_buckets: tuple[int, ...] = ()
+    sample_t: tuple[int, ...] = ()
+
+    def buckets_of(self, positions: Sequence[int]) -> torch.Tensor:
+        """Bucket of each sample at these global-batch positions (CPU, long)."""
+        if not self.sample_buckets:
+            return torch.full((len(positions),), self.bucket, dtype=torch.long)
+        return torch.tensor([self.sample_buckets[p] for p in positions], dtype=torch.long)
+
+    def t_of(self, positions: Sequence[int]) -> torch.Tensor:
+        """t* of each sample at these global-batch positions (CPU, long)."""
+        if not self.sample_t:
+            return torch.full((len(positions),), self.t_star, dtype=torch.long)
+        return torch.tensor([self.sample_t[p] for p in positions], dtype=torch.long)
+
+    def bucket_weights(self) -> dict[int, float]:
+        """Global batch size / samples of each bucket in it: a head's loss on a (micro-)batch of
+        b samples, n of them in its bucket, is weighted n / b x this, so ranks and micro-batches
+        add up to the head's mean over its bucket's samples of the global batch (1 for the one
+        bucket of an iteration)."""
+        if not self.sample_buckets:
+            return {self.bucket: 1.0}
+        counts = Counter(self.sample_buckets)
+        return {b: len(self.sample_buckets) / n for b, n in counts.items()}
+
+    @property
+    def mean_t(self) -> float:
+        """The iteration's t*, or with a bucket per sample the global batch's mean t*."""
+        return sum(self.sample_t) / len(self.sample_t) if self.sample_t else self.t_star
 
 
 def sample_active(
-    layout: PoolLayout, seed: int, iteration: int, heads_per_slot: int, t_jitter: int = 0
+    layout: PoolLayout,
+    seed: int,
+    iteration: int,
+    heads_per_slot: int,
+    t_jitter: int = 0,
+    per_sample: int = 0,
 ) -> Draw:
-    """The t* bucket and, in every slot of that bucket, ``heads_per_slot`` of its candidates."""
-    g = rng.keyed_generator(seed, iteration, rng.BUCKET)
+    """The t* bucket and, in every slot of that bucket, ``heads_per_slot`` of its candidates.
+
+    ``per_sample`` = the global batch size (pool.t_star_per=sample): each sample of the global
+    batch draws its own bucket (and jitter), keyed by (seed, iteration, position), and every
+    slot of each bucket some sample drew gets its heads."""
+    if per_sample:
+        buckets, ts = [], []
+        for pos in range(per_sample):
+            g = rng.keyed_generator(seed, iteration, rng.BUCKET, pos)
+            b, t = _draw_t(layout, g, t_jitter)
+            buckets.append(b)
+            ts.append(t)
+        present = sorted(set(buckets))
+        bucket, t_star = -1, -1
+    else:
+        g = rng.keyed_generator(seed, iteration, rng.BUCKET)
+        bucket, t_star = _draw_t(layout, g, t_jitter)
+        present, buckets, ts = [bucket], [], []
+    g = rng.keyed_generator(seed, iteration, rng.ACTIVE)
+    ids: list[int] = []
+    for b in present:
+        for s in layout.slots_of_bucket(b):
+            picks = torch.randperm(layout.candidates, generator=g)[:heads_per_slot]
+            ids.extend(s * layout.candidates + int(c) for c in picks)
+    return Draw(bucket, t_star, tuple(sorted(ids)), tuple(buckets), tuple(ts))
+
+
+def _draw_t(layout: PoolLayout, g: torch.Generator, t_jitter: int) -> tuple[int, int]:
     bucket = int(torch.randint(len(layout.t_buckets), (1,), generator=g))
     t_star = layout.t_buckets[bucket]
     if t_jitter:
         t_star += int(torch.randint(-t_jitter, t_jitter + 1, (1,), generator=g))
         t_star = min(max(t_star, 0), 999)
-    g = rng.keyed_generator(seed, iteration, rng.ACTIVE)
-    ids: list[int] = []
-    for s in layout.slots_of_bucket(bucket):
-        picks = torch.randperm(layout.candidates, generator=g)[:heads_per_slot]
-        ids.extend(s * layout.candidates + int(c) for c in picks)
-    return Draw(bucket, t_star, tuple(sorted(ids)))
+    return bucket, t_star
 
 
 def refresh_ids(
