@@ -15,8 +15,9 @@ distributed training run: a Ray Train TorchTrainer launched inside the Tune func
 reports forwarded by TuneReportCallback; ASHA stops weak trials at eval points. Rerunning the
 same command resumes an interrupted sweep (and each unfinished trial from its checkpoint).
 
-Writes into <tune.storage_path>/<run_name>-sweep/: results.csv (one row per trial, best
-metric), metric.png (metric against each swept key), best.yaml (the best trial's resolved
+Writes into <tune.storage_path>/<run_name>-sweep/: results.csv (one row per trial: the best
+value of the metric, and at the trial's last evaluation the metric and its 2- and 4-step
+siblings), metric.png (metric against each swept key), best.yaml (the best trial's resolved
 config; `python -m nitro_dist.train --config .../best.yaml` accepts it).
 """
 
@@ -196,11 +197,18 @@ def write_results(cfg: Config, grid, out: Path) -> dict[str, Any]:
             continue
         best = series.min() if t.mode == "min" else series.max()
         params = {k: result.config[k] for k in keys}
+        df = result.metrics_dataframe
+        last = df.loc[series.index[-1]]  # the trial's last evaluation (where ASHA left it)
+        # the metric there, and its 2- and 4-step siblings when the run reports them
+        siblings = [t.metric] + [
+            t.metric.replace("_1step", f"_{k}step") for k in (2, 4) if "_1step" in t.metric
+        ]
         rows.append(
             {
                 **params,
                 t.metric: float(best),
-                "last_iteration": int(result.metrics_dataframe["iteration"].max()),
+                "last_iteration": int(df["iteration"].max()),
+                **{f"last_{m}": float(last[m]) for m in siblings if m in df and last[m] == last[m]},
             }
         )
     if not rows:
@@ -210,7 +218,8 @@ def write_results(cfg: Config, grid, out: Path) -> dict[str, Any]:
     import csv
 
     with (out / "results.csv").open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        fields = list(dict.fromkeys(k for r in rows for k in r))  # a column any trial has
+        writer = csv.DictWriter(f, fieldnames=fields)
         writer.writeheader()
         writer.writerows(rows)
     plot(rows, keys, t.metric, out / "metric.png")

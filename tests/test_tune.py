@@ -75,6 +75,8 @@ def test_small_sweep_runs_resumes_and_writes_results(cluster, tmp_path):
     rows = list(csv.DictReader((sweep / "results.csv").open()))
     assert sorted(int(r["pool.candidates"]) for r in rows) == [1, 2]
     assert all(float(r["fid_digits_1step"]) > 0 for r in rows)
+    # the best value over evaluations, and the last evaluation's (no better than the best)
+    assert all(float(r["last_fid_digits_1step"]) >= float(r["fid_digits_1step"]) for r in rows)
     assert (sweep / "metric.png").stat().st_size > 1000
     best = load_config(str(sweep / "best.yaml"))  # the train CLI accepts it
     assert best.pool.candidates == int(rows[0]["pool.candidates"])
