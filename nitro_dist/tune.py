@@ -44,6 +44,11 @@ from nitro_dist.config import (
 from nitro_dist.distributed.address import check_ray_address
 
 DOMAINS = ("grid", "choice", "uniform", "loguniform", "randint")
+# The trial function only launches a TorchTrainer, whose workers hold the real resources: the
+# trial reserves no CPU (Tune's head bundle needs some resource: one byte of memory). With 0.01
+# CPU a preset whose workers take every CPU (digits: 2 workers x 1 CPU on a 2-core machine) never
+# got its worker group: Ray Train retried its 60 s start-up timeout for ever.
+TRIAL_RESOURCES = {"cpu": 0, "memory": 1}
 
 
 def candidate_values(key: str, spec: Any) -> tuple[str, list]:
@@ -158,8 +163,7 @@ def sweep(cfg: Config) -> dict[str, Any]:
     name = f"{cfg.run_name}-sweep"
     sweep_dir = f"{storage}/{name}"
     t = cfg.tune
-    # the trial function only launches a TorchTrainer: its workers hold the real resources
-    trainable = tune.with_resources(run_trial, {"cpu": 0.01})
+    trainable = tune.with_resources(run_trial, TRIAL_RESOURCES)
     if tune.Tuner.can_restore(sweep_dir):
         print(f"resuming the sweep in {sweep_dir}", flush=True)
         tuner = tune.Tuner.restore(sweep_dir, trainable, resume_errored=True)

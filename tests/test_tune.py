@@ -9,7 +9,7 @@ import json
 import pytest
 
 from nitro_dist.config import CONFIG_DIR, get_key, load_config
-from nitro_dist.tune import candidate_values, check_space, main, trial_config
+from nitro_dist.tune import TRIAL_RESOURCES, candidate_values, check_space, main, trial_config
 
 
 def presets_with_a_space():
@@ -45,6 +45,15 @@ def test_bad_search_spaces_name_the_key():
     with pytest.raises(ValueError, match="expected one of"):
         check_space(load_config("digits", ['tune.search_space={"pool.width": [8, 16]}']))
     assert check_space(cfg) is None
+
+
+def test_a_trial_reserves_no_cpu_for_itself():
+    """The trial function only waits on its TorchTrainer: every CPU stays for the workers (the
+    digits preset's 2 x 1 CPU on a 2-core machine could not start beside 0.01 CPU)."""
+    from ray.tune.execution.placement_groups import resource_dict_to_pg_factory
+
+    need = resource_dict_to_pg_factory(TRIAL_RESOURCES).required_resources
+    assert need.get("CPU", 0) == 0 and need.get("GPU", 0) == 0 and need
 
 
 @pytest.mark.ray
