@@ -91,6 +91,10 @@ def connect(cfg: Config) -> None:
     d = cfg.distributed
     need = math.ceil(d.max_workers * d.cpus_per_worker)
     ray.init(
+        # a new local Ray even when another runs on this machine: without it ray.init() joins
+        # the last `ray start` cluster here and refuses num_cpus ("When connecting to an existing
+        # cluster, num_cpus and num_gpus must not be provided"); RAY_ADDRESS names a cluster
+        address="local",
         num_cpus=max(os.cpu_count() or 1, need),
         dashboard_host="127.0.0.1",  # the state API (Train V2 uses it) lives in the dashboard
         logging_level=logging.WARNING,  # no "Started a local Ray instance" banner
