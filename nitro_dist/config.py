@@ -118,7 +118,7 @@ class PoolConfig:
     t_jitter: int = 0  # t* drawn uniformly within +-jitter of the bucket centre
     # how t* is drawn: "iteration" one bucket per iteration for the whole batch (its slots'
     # heads active); "sample" a bucket per sample, every bucket's heads active, each judging
-    # only its bucket's samples (4x the heads per iteration, each active every iteration)
+    # only its bucket's samples (every bucket's slots active each iteration, not one bucket's)
     t_star_per: Literal["iteration", "sample"] = "iteration"
     levels: list[int] = field(default_factory=list)  # backbone levels with heads; empty = all
     candidates: int = 4  # heads per slot (kind, bucket, level)

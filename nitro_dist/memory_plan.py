@@ -405,14 +405,12 @@ def _replica_numel(cfg: Config, layout: PoolLayout) -> int:
     """Parameters of the largest active set (one bucket's slots x heads_per_slot; every
     bucket's with pool.t_star_per=sample)."""
     c = layout.candidates
-    if cfg.pool.t_star_per == "sample":
-        return sum(layout.head_numel(s * c) for s in range(layout.num_slots)) * (
-            cfg.pool.heads_per_slot
-        )
-    return max(
-        sum(layout.head_numel(s * c) for s in layout.slots_of_bucket(b)) * cfg.pool.heads_per_slot
+    per_bucket = [
+        sum(layout.head_numel(s * c) for s in layout.slots_of_bucket(b))
         for b in range(len(layout.t_buckets))
-    )
+    ]
+    active = sum(per_bucket) if cfg.pool.t_star_per == "sample" else max(per_bucket)
+    return active * cfg.pool.heads_per_slot
 
 
 def parse_memory(text: str) -> float:

@@ -198,17 +198,22 @@ def judge(
     scores: list[torch.Tensor] = []
     weights: list[float] = []
     b = len(noise.bucket_B)
+    device = feats_c[0].device
+    # each bucket's samples here, once per call: (mask on the features' device, count)
+    chosen: dict[int, tuple[torch.Tensor, int]] = {}
+    for bucket in noise.bucket_weight:
+        mask = noise.bucket_B == bucket
+        chosen[bucket] = (mask.to(device), int(mask.sum()))
     for hid in sorted(heads):
         spec = layout.spec(hid)
-        sel = noise.bucket_B == spec.bucket
-        n = int(sel.sum())
-        if n == 0:
+        if spec.bucket not in chosen or chosen[spec.bucket][1] == 0:
             continue
+        sel, n = chosen[spec.bucket]
         level_feats = feats_u if spec.kind == "local_uncond" else feats_c
         assert level_feats is not None, "local_uncond heads need the unconditional features"
         feats = level_feats[spec.level]
         if n < b:
-            feats = feats[sel.to(feats.device)]
+            feats = feats[sel]
         if spec.kind != "global_cond":
             feats = crop(feats, spec.in_size, *noise.crops[hid])
         scores.append(head_scores(heads[hid], feats, spec.kind))

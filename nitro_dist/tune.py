@@ -192,6 +192,10 @@ def sweep(cfg: Config) -> dict[str, Any]:
 
 def write_results(cfg: Config, grid, out: Path) -> dict[str, Any]:
     t, keys = cfg.tune, list(cfg.tune.search_space)
+    # the metric at a trial's last evaluation, and its 2- and 4-step siblings when reported
+    siblings = [t.metric] + [
+        t.metric.replace("_1step", f"_{k}step") for k in (2, 4) if "_1step" in t.metric
+    ]
     rows = []
     for result in grid:
         if result.metrics_dataframe is None or t.metric not in result.metrics_dataframe:
@@ -203,10 +207,6 @@ def write_results(cfg: Config, grid, out: Path) -> dict[str, Any]:
         params = {k: result.config[k] for k in keys}
         df = result.metrics_dataframe
         last = df.loc[series.index[-1]]  # the trial's last evaluation (where ASHA left it)
-        # the metric there, and its 2- and 4-step siblings when the run reports them
-        siblings = [t.metric] + [
-            t.metric.replace("_1step", f"_{k}step") for k in (2, 4) if "_1step" in t.metric
-        ]
         rows.append(
             {
                 **params,

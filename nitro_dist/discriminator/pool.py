@@ -138,15 +138,11 @@ class Draw:
 
     def buckets_of(self, positions: Sequence[int]) -> torch.Tensor:
         """Bucket of each sample at these global-batch positions (CPU, long)."""
-        if not self.sample_buckets:
-            return torch.full((len(positions),), self.bucket, dtype=torch.long)
-        return torch.tensor([self.sample_buckets[p] for p in positions], dtype=torch.long)
+        return _at(positions, self.sample_buckets, self.bucket)
 
     def t_of(self, positions: Sequence[int]) -> torch.Tensor:
         """t* of each sample at these global-batch positions (CPU, long)."""
-        if not self.sample_t:
-            return torch.full((len(positions),), self.t_star, dtype=torch.long)
-        return torch.tensor([self.sample_t[p] for p in positions], dtype=torch.long)
+        return _at(positions, self.sample_t, self.t_star)
 
     def bucket_weights(self) -> dict[int, float]:
         """Global batch size / samples of each bucket in it: a head's loss on a (micro-)batch of
@@ -162,6 +158,12 @@ class Draw:
     def mean_t(self) -> float:
         """The iteration's t*, or with a bucket per sample the global batch's mean t*."""
         return sum(self.sample_t) / len(self.sample_t) if self.sample_t else self.t_star
+
+
+def _at(positions: Sequence[int], per_sample: tuple[int, ...], one: int) -> torch.Tensor:
+    """``per_sample`` at ``positions``, or ``one`` for every position when there is none."""
+    values = [per_sample[p] for p in positions] if per_sample else [one] * len(positions)
+    return torch.tensor(values, dtype=torch.long)
 
 
 def sample_active(
