@@ -2,6 +2,7 @@
 #   make train   - create .venv, install, run the digits distillation (CPU, minutes)
 #   make test    - create .venv, install, run the test suite
 #   make test-fast - the tests that are neither slow nor need Ray (~2.5 minutes): the edit loop
+#   make test-drills - the whole-system drills make test leaves out (~10 minutes); test-all: both
 #   make lint      - ruff and mypy (.ci/run runs it before the tests)
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -12,7 +13,7 @@ export WANDB_MODE ?= offline
 # stale and rebuild it (~3 CPU-minutes a time); tests/conftest.py does the same for pytest
 WITH_VENV := PATH=$(abspath $(VENV))/bin:$$PATH
 
-.PHONY: setup train test test-fast lint
+.PHONY: setup train test test-fast test-drills test-all lint
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
@@ -32,12 +33,20 @@ $(VENV)/.installed: pyproject.toml
 train: setup
 	$(WITH_VENV) $(PY) -m nitro_dist.train $(ARGS)
 
-# two pytest-xdist workers: one runs the Ray tests (one block, in order), the other the rest
+# two pytest-xdist workers: one runs the Ray tests (one block, in order), the other the rest;
+# the whole-system drills (marker `drill`, minutes each) are `make test-drills`
 test: setup
-	$(PY) -m pytest -q -n 2 --dist loadgroup
+	$(PY) -m pytest -q -n 2 --dist loadgroup -m "not drill"
 
 test-fast: setup
 	$(PY) -m pytest -q -n 2 -m "not slow and not ray"
+
+test-drills: setup
+	$(PY) -m pytest -q -n 2 --dist loadgroup -m drill
+
+# everything: the suite and the drills in one session (one Ray cluster)
+test-all: setup
+	$(PY) -m pytest -q -n 2 --dist loadgroup
 
 lint: setup
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .

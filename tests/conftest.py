@@ -4,8 +4,10 @@ down by orders of magnitude.
 
 One S3 server (moto's) and one local Ray cluster serve the whole session; the tests that use the
 cluster run as one block (test_ray_job's own `ray start` cluster first), so that Ray's processes
-only run while they are needed. `make test` runs two pytest-xdist workers: one takes the Ray
-block (xdist group "ray", started first), the other the rest."""
+only run while they are needed. `make test` runs two pytest-xdist workers (`--dist loadgroup`):
+the Ray block is one unit of work (xdist group "ray"), so is each module whose tests share a
+module-scoped fixture, and the other tests are handed out one by one. `make test` leaves out the
+whole-system drills (marker `drill`); `make test-drills` runs them."""
 
 import os
 import sys
@@ -45,6 +47,16 @@ def _ray_block(item: pytest.Item) -> int:
     return 1 if item.get_closest_marker("ray") else 0
 
 
+def _shares_a_module_fixture(item: pytest.Item) -> bool:
+    """Whether the test uses a module-scoped fixture (a trained run, a server, a spawned W=2
+    job): pytest-xdist hands out single tests, so every worker that ran one of the module's tests
+    would build it again (test_pool_sync's ~80 s twice)."""
+    info = getattr(item, "_fixtureinfo", None)
+    return info is not None and any(
+        defs and defs[-1].scope in ("module", "package") for defs in info.name2fixturedefs.values()
+    )
+
+
 @pytest.hookimpl(tryfirst=True)  # before `-m` deselects: the ray marker added here counts
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
@@ -52,14 +64,23 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(pytest.mark.ray)
         if item.get_closest_marker("ray"):  # in order, in one process, beside the other tests
             item.add_marker(pytest.mark.xdist_group(RAY_GROUP))
+        elif _shares_a_module_fixture(item):  # one worker builds the module's fixture, not both
+            item.add_marker(pytest.mark.xdist_group(item.module.__name__))
     if not torch.cuda.is_available():
         skip = pytest.mark.skip(reason="needs a CUDA device")
         for item in items:
             if item.get_closest_marker("gpu"):
                 item.add_marker(skip)
     if os.environ.get("PYTEST_XDIST_WORKER"):
-        # under xdist the Ray block goes first: one worker runs it while the others take the rest
-        items.sort(key=lambda item: {1: 0, 2: 1, 0: 2}[_ray_block(item)])
+        # under xdist the Ray block goes first: one worker runs it while the others take the
+        # rest, slow tests before quick ones (the longest first: no long test left for the end
+        # while the other worker idles)
+        items.sort(
+            key=lambda item: (
+                {1: 0, 2: 1, 0: 2}[_ray_block(item)],
+                item.get_closest_marker("slow") is None,
+            )
+        )
     else:
         items.sort(key=_ray_block)  # stable: file order within each block
 

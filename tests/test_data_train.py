@@ -36,6 +36,7 @@ def pairs(cluster):
     return cfg, first, again
 
 
+@pytest.mark.drill
 def test_prepare_writes_teacher_pairs_and_resumes(pairs):
     cfg, first, again = pairs
     assert first["total"] == 256 and first["written"] == 8 and first["skipped"] == 0
@@ -60,6 +61,7 @@ def test_prepare_writes_teacher_pairs_and_resumes(pairs):
     torch.testing.assert_close(stored, online, rtol=0, atol=2e-3)  # fp16 storage
 
 
+@pytest.mark.drill
 def test_train_from_s3_pairs_two_workers_no_duplicates_and_resume(pairs, tmp_path):
     import s3fs
 

@@ -15,6 +15,7 @@ from nitro_dist.tasks import EVAL_SEED_OFFSET
 
 
 @pytest.mark.slow
+@pytest.mark.drill
 def test_short_distillation_beats_teacher_at_one_step():
     cfg = load_config(
         "digits",

@@ -36,6 +36,7 @@ def test_padding_to_a_bucket_gives_the_same_images(tiny_models):
 
 
 @pytest.mark.slow
+@pytest.mark.drill
 def test_compiled_generator_matches_eager_and_warm_up_covers_every_bucket(short_digits_run):
     """The replica's loader (served_model.load_model) on the fast path: 2 buckets x 1 size x 4
     step counts warmed (2 compilations: steps do not change shapes); afterwards requests of

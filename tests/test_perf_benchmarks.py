@@ -92,6 +92,7 @@ def gpu_smoke(benchmarks, tmp_path_factory):
     return tmp, train
 
 
+@pytest.mark.drill  # the prepared GPU run end to end (~70 s on 2 cores)
 def test_gpu_benchmark_imports_nothing_the_gpu_machine_lacks(gpu_smoke):
     """The GPU machine has torch/transformers but no ray, webdataset, s3fs or wandb (diffusers,
     deepspeed and pydantic travel as wheels): neither the benchmark's import chain nor what its
@@ -100,6 +101,7 @@ def test_gpu_benchmark_imports_nothing_the_gpu_machine_lacks(gpu_smoke):
     assert "IMPORTED []" in train
 
 
+@pytest.mark.drill  # the prepared GPU run end to end (~70 s on 2 cores)
 def test_gpu_sdxl_smoke_runs_every_phase_and_reports(gpu_smoke, capsys):
     import gpu_sdxl_report
 

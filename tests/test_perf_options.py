@@ -196,6 +196,7 @@ def test_attention_runs_through_sdpa(tiny_models):
 
 
 @pytest.mark.slow
+@pytest.mark.drill
 def test_bf16_and_compile_under_deepspeed_keep_fp32_weights_and_train(one_rank_group):
     """precision=bf16 under DeepSpeed: autocast inside the engine (its torch_autocast section)
     over fp32 master weights. DeepSpeed's own bf16 section had cast G to bf16 while the

@@ -128,6 +128,7 @@ def wait_for_dashboard(port: int, proc: subprocess.Popen, timeout_s: float = 120
 
 @pytest.mark.ray  # its own cluster: runs before the session one starts (conftest)
 @pytest.mark.slow
+@pytest.mark.drill
 def test_ray_job_submit_trains_the_digits_task(head, tmp_path):
     env, readme_script = head
     short_run = [
@@ -166,6 +167,7 @@ def test_ray_job_submit_trains_the_digits_task(head, tmp_path):
 
 @pytest.mark.ray
 @pytest.mark.slow
+@pytest.mark.drill  # the `ray start` cluster is the job test's
 def test_a_local_run_beside_that_cluster_starts_a_ray_of_its_own(head):
     """Without RAY_ADDRESS a run starts a local Ray for itself even while a `ray start` cluster
     runs on the machine (ray.init() alone joins that one and refuses the CPU count asked)."""

@@ -119,6 +119,7 @@ def test_w1_and_w2_give_the_same_generator_and_pool(reference, half_w2):
     assert latest(run_dir) == ck
 
 
+@pytest.mark.drill
 def test_rerun_resumes_exactly_and_a_killed_worker_is_restarted_zero3(reference, half_w2):
     """A rerun of "split" continues from its iteration-2 checkpoint under ZeRO-3 (G's optimizer
     state is stored consolidated, so the stage may change); rank 1 is killed at iteration 3 and
@@ -144,6 +145,7 @@ def test_rerun_resumes_exactly_and_a_killed_worker_is_restarted_zero3(reference,
     assert state["zero_stage"] == 3 and state["global_steps"] == 4
 
 
+@pytest.mark.drill
 def test_fault_without_retries_fails_with_the_cause(cluster, tmp_path, capsys):
     code = main(
         [
@@ -170,6 +172,7 @@ def refresh_cluster_view() -> None:
     ray.get(coordinator.get_reserved_resources.remote("nitro-tests", recompute=True))
 
 
+@pytest.mark.drill
 def test_a_node_lost_mid_run_elastic_run_ends_where_the_uninterrupted_run_ends(
     reference, half_w2, cluster, monkeypatch, tmp_path
 ):

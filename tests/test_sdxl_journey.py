@@ -30,7 +30,7 @@ from nitro_dist.export import main as export
 from nitro_dist.prepare import main as prepare
 from nitro_dist.train import main as train
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.drill]
 serve = pytest.importorskip("ray.serve")
 
 BUCKET = "s3://nitro-test/journey"

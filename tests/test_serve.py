@@ -559,6 +559,7 @@ def test_cli_serve_run_reports_a_missing_checkpoint(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.drill
 def test_a_killed_generator_replica_is_replaced_and_serving_goes_on(base_url):
     """Kill the 'main' app's generator replica process: requests meanwhile get 200 or 503
     (never another 5xx), and within a bounded time the new replica answers."""

@@ -12,6 +12,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.mark.slow  # starts a Python process that imports torch (~10 s on 2 busy cores)
+@pytest.mark.drill  # the serve_load benchmark's anchor end to end
 def test_plain_anchor_serves_the_load_unbatched_and_stops(short_digits_run):
     sys.path.insert(0, str(ROOT / "benchmarks"))
     try:

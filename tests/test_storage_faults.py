@@ -135,6 +135,7 @@ def test_storage_that_stays_down_is_an_error_naming_the_url(shards, proxy):
 
 
 @pytest.mark.slow  # two short training runs (~35 s on 2 cores)
+@pytest.mark.drill
 def test_training_through_faults_ends_with_the_fault_free_weights(
     shards, proxy, tiny_cfg, tmp_path
 ):

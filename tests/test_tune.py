@@ -58,6 +58,7 @@ def test_a_trial_reserves_no_cpu_for_itself():
 
 @pytest.mark.ray
 @pytest.mark.slow
+@pytest.mark.drill
 def test_small_sweep_runs_resumes_and_writes_results(cluster, tmp_path):
     args = [
         "--config",

@@ -153,7 +153,15 @@ def deepspeed_config(cfg: Config, world_size: int, bf16: bool) -> dict[str, Any]
         "train_micro_batch_size_per_gpu": micro,
         "gradient_accumulation_steps": tr.grad_accum,
         "gradient_clipping": cfg.optim.grad_clip,
-        "zero_optimization": {"stage": cfg.distributed.zero_stage, **offload},
+        # memory_efficient_linear off: ZeRO-3's (the default) replaces torch.nn.functional.linear
+        # for the whole process and never puts it back ("this will persist unless manually
+        # reset"), so evaluation, sampling and TorchScript after it ran through DeepSpeed's
+        # autograd Function (torch.jit.script of any module with a Linear then fails)
+        "zero_optimization": {
+            "stage": cfg.distributed.zero_stage,
+            "memory_efficient_linear": False,
+            **offload,
+        },
         # ZeRO-Offload with our torch AdamW stepping the host copy: DeepSpeed would otherwise
         # insist on its DeepSpeedCPUAdam (a C++ op compiled on first use)
         "zero_force_ds_cpu_optimizer": False,
