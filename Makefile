@@ -1,8 +1,9 @@
 # Two commands do all the set-up on a fresh machine:
 #   make train   - create .venv, install, run the digits distillation (CPU, minutes)
 #   make test    - create .venv, install, run the test suite
-#   make test-fast - the tests that are neither slow nor need Ray (~2.5 minutes): the edit loop
-#   make test-drills - the whole-system drills make test leaves out (~10 minutes); test-all: both
+#   make test-fast - the tests that are neither slow nor need Ray (~2 minutes): the edit loop
+#   make test-drills - the whole-system and fault drills make test leaves out (~18 minutes);
+#                    make test-all runs both
 #   make lint      - ruff and mypy (.ci/run runs it before the tests)
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -34,12 +35,12 @@ train: setup
 	$(WITH_VENV) $(PY) -m nitro_dist.train $(ARGS)
 
 # two pytest-xdist workers: one runs the Ray tests (one block, in order), the other the rest;
-# the whole-system drills (marker `drill`, minutes each) are `make test-drills`
+# the whole-system and fault drills (marker `drill`) are `make test-drills`
 test: setup
 	$(PY) -m pytest -q -n 2 --dist loadgroup -m "not drill"
 
 test-fast: setup
-	$(PY) -m pytest -q -n 2 -m "not slow and not ray"
+	$(PY) -m pytest -q -n 2 --dist loadgroup -m "not slow and not ray"
 
 test-drills: setup
 	$(PY) -m pytest -q -n 2 --dist loadgroup -m drill

@@ -72,9 +72,9 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             if item.get_closest_marker("gpu"):
                 item.add_marker(skip)
     if os.environ.get("PYTEST_XDIST_WORKER"):
-        # under xdist the Ray block goes first: one worker runs it while the others take the
-        # rest, slow tests before quick ones (the longest first: no long test left for the end
-        # while the other worker idles)
+        # under xdist (--dist loadgroup) the groups go out first, the largest first (the Ray
+        # block, the modules with a module fixture), then single tests in this order: slow ones
+        # before quick ones, so no long test is left for the end while the other worker idles
         items.sort(
             key=lambda item: (
                 {1: 0, 2: 1, 0: 2}[_ray_block(item)],
