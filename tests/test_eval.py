@@ -311,6 +311,7 @@ def test_prompts_task_reports_teacher_fid_and_clip_and_tune_watches_it(tiny_ince
     assert pick_metric(load_config("digits")).tune.metric == "fid_digits_1step"  # untouched
 
 
+@pytest.mark.slow  # 6-10 s on 2 busy cores: make test, not test-fast
 def test_sdxl_student_against_its_teacher_table(sdxl_run, tiny_inception, tiny_clip, tmp_path):
     """The CLI's table for a non-digits run: a teacher row and 1/2/4-step student rows; the
     1-step fid_teacher recomputed by hand from the generator, the teacher and the Inception."""

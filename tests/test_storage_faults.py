@@ -112,6 +112,7 @@ def test_transient_and_permanent_errors_are_told_apart():
     assert len(calls) == 1
 
 
+@pytest.mark.slow  # 6-10 s on 2 busy cores: make test, not test-fast
 def test_sample_stream_through_faults_equals_the_fault_free_stream(shards, proxy):
     want, clean = stream(shards)
     proxy.arm(OUTAGE, methods=("GET",))
@@ -122,6 +123,7 @@ def test_sample_stream_through_faults_equals_the_fault_free_stream(shards, proxy
     assert faulty.metrics()["data_corrupt_shards"] == 0
 
 
+@pytest.mark.slow  # 6-10 s on 2 busy cores: make test, not test-fast
 def test_storage_that_stays_down_is_an_error_naming_the_url(shards, proxy):
     url = list_shards(shards).urls[0]
     retry.configure(retry.RetryPolicy(retries=1, max_s=10.0))

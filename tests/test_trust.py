@@ -69,6 +69,7 @@ def test_nonfinite_step_changes_nothing_and_the_next_one_trains(tiny_cfg):
     assert all(torch.isfinite(v.float()).all() for v in moved.values())
 
 
+@pytest.mark.slow  # 6-10 s on 2 busy cores: make test, not test-fast
 def test_skipped_steps_are_counted_and_too_many_in_a_row_stop_the_run(tiny_cfg, tmp_path, capsys):
     cfg = tiny_cfg(
         *QUICK,
