@@ -13,6 +13,8 @@ export WANDB_MODE ?= offline
 # PATH, and two ninja versions (pip's in the venv, the system's) take each other's build logs for
 # stale and rebuild it (~3 CPU-minutes a time); tests/conftest.py does the same for pytest
 WITH_VENV := PATH=$(abspath $(VENV))/bin:$$PATH
+# two pytest-xdist workers; groups (the Ray block, a module's shared fixture) stay on one worker
+PYTEST := $(PY) -m pytest -q -n 2 --dist loadgroup
 
 .PHONY: setup train test test-fast test-drills test-all lint
 setup: $(VENV)/.installed
@@ -34,20 +36,19 @@ $(VENV)/.installed: pyproject.toml
 train: setup
 	$(WITH_VENV) $(PY) -m nitro_dist.train $(ARGS)
 
-# two pytest-xdist workers: one runs the Ray tests (one block, in order), the other the rest;
-# the whole-system and fault drills (marker `drill`) are `make test-drills`
+# the suite without the whole-system and fault drills (marker `drill`: `make test-drills`)
 test: setup
-	$(PY) -m pytest -q -n 2 --dist loadgroup -m "not drill"
+	$(PYTEST) -m "not drill"
 
 test-fast: setup
-	$(PY) -m pytest -q -n 2 --dist loadgroup -m "not slow and not ray"
+	$(PYTEST) -m "not slow and not ray"
 
 test-drills: setup
-	$(PY) -m pytest -q -n 2 --dist loadgroup -m drill
+	$(PYTEST) -m drill
 
 # everything: the suite and the drills in one session (one Ray cluster)
 test-all: setup
-	$(PY) -m pytest -q -n 2 --dist loadgroup
+	$(PYTEST)
 
 lint: setup
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .

@@ -199,14 +199,15 @@ def judge(
     weights: list[float] = []
     b = len(noise.bucket_B)
     device = feats_c[0].device
-    # each bucket's samples here, once per call: (mask on the features' device, count)
+    # the buckets with samples here, once per call: (mask on the features' device, count)
     chosen: dict[int, tuple[torch.Tensor, int]] = {}
     for bucket in noise.bucket_weight:
         mask = noise.bucket_B == bucket
-        chosen[bucket] = (mask.to(device), int(mask.sum()))
+        if n := int(mask.sum()):
+            chosen[bucket] = (mask.to(device), n)
     for hid in sorted(heads):
         spec = layout.spec(hid)
-        if spec.bucket not in chosen or chosen[spec.bucket][1] == 0:
+        if spec.bucket not in chosen:  # its bucket has no sample in this (micro-)batch
             continue
         sel, n = chosen[spec.bucket]
         level_feats = feats_u if spec.kind == "local_uncond" else feats_c
