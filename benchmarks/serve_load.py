@@ -13,8 +13,11 @@ one deployment (``Generator``: the routes and the model in one replica).
   python benchmarks/serve_load.py [--checkpoint runs/digits] [--requests 160] [--clients 8,32]
 
 Both servers are up together and their phases interleaved (direct, plain, Serve at each step
-count and concurrency), so a drifting load on a shared machine hits both alike; the table gives
-the 1-minute load average at the end of each phase. Both servers compute on one torch thread
+count and concurrency), so a drifting load on a shared machine hits both alike; at 1 client the
+servers take turns request by request (one client sends request i to the plain server, then to
+each Serve app and the handle), so the 1-client ratios compare latencies under the same load,
+not the different stretches of a drifting load that phases run one after another see. The table
+gives the 1-minute load average at the end of each phase. Both servers compute on one torch thread
 (a CPU replica gets 0.5 CPU = 1 thread; the plain server is started with OMP_NUM_THREADS=1), so
 the comparison is of the serving path, not of the thread count. Bounded: every phase stops
 after --requests requests or --phase-timeout seconds. Without a checkpoint (no runs/digits yet)
@@ -205,6 +208,39 @@ def load(make: Callable[[], Callable[[int], tuple]], n: int, conc: int, timeout:
     return out
 
 
+def load_interleaved(
+    makes: dict[str, Callable[[], Callable[[int], tuple]]], n: int, timeout: float
+) -> dict[str, dict]:
+    """One client that sends request i to every server in turn (i = 0..n-1), so each server's
+    1-client latency is measured under the same load: on a shared machine the load drifts over a
+    phase, and phases run one after another would each see a different part of the drift.
+    Images/s here is per server: its own requests over its own busy time."""
+    ones = {label: make() for label, make in makes.items()}
+    lat: dict[str, list[float]] = {label: [] for label in makes}
+    codes: dict[str, dict[int, int]] = {label: {} for label in makes}
+    batch: dict[str, list[int]] = {label: [] for label in makes}
+    deadline = time.monotonic() + timeout
+    for i in range(n):
+        if time.monotonic() > deadline:
+            break
+        for label, one in ones.items():
+            t = time.perf_counter()
+            status, images = one(i)
+            dt = time.perf_counter() - t
+            codes[label][status] = codes[label].get(status, 0) + 1
+            if status == 200:
+                lat[label].append(dt)
+                batch[label].append(images)
+    out = {}
+    for label in makes:
+        xs = lat[label]
+        res = summary(xs, sum(xs), len(xs)) if xs else summary([float("nan")], 1.0, 0)
+        res["status"] = codes[label]
+        res["mean_batch"] = statistics.fmean(batch[label]) if batch[label] else 0.0
+        out[label] = res
+    return out
+
+
 def direct_ingress_ports(apps: list[str], timeout: float = 60.0) -> dict[str, int]:
     """{app: port} of the replicas' own HTTP servers under Serve's direct ingress
     (``RAY_SERVE_ENABLE_DIRECT_INGRESS=1``: each ingress replica listens on a port of 30000-31000
@@ -338,14 +374,20 @@ def main() -> int:
                     )
                 for make in servers.values():
                     load(make, 2 * top, top, args.phase_timeout)  # warm-up
-                for c in [1, *clients]:
+                handle = serve.get_deployment_handle("Generator", app_name="off")
+                via_handle = handle_client(handle, steps, size)
+                load(via_handle, 8, 1, args.phase_timeout)  # warm-up
+                # 1 client: the servers (and the handle) take turns request by request, so the
+                # ratios compare latencies under the same load; more clients: a phase each
+                one_client = {f"{label}, 1 clients": make for label, make in servers.items()}
+                one_client[f"Serve handle (no HTTP), {steps} step, batching off, 1 client"] = (
+                    via_handle
+                )
+                for label, res in load_interleaved(one_client, n, 4 * args.phase_timeout).items():
+                    phase(label, res)
+                for c in clients:
                     for label, make in servers.items():
                         phase(f"{label}, {c} clients", load(make, n, c, args.phase_timeout))
-                handle = serve.get_deployment_handle("Generator", app_name="off")
-                make = handle_client(handle, steps, size)
-                load(make, 8, 1, args.phase_timeout)  # warm-up
-                res = load(make, n, 1, args.phase_timeout)
-                phase(f"Serve handle (no HTTP), {steps} step, batching off, 1 client", res)
         finally:
             serve.shutdown()
             ray.shutdown()
@@ -387,7 +429,9 @@ def report(
         f"{', '.join(f'`{k}={v}`' for k, v in sorted({**SERVE_ENV, **replica_env()}.items()))}. "
         "plain: `python -m nitro_dist.local_app` (the same routes under uvicorn, one process, "
         "no Ray, one model call at a time, 1 torch thread). direct: the replica's work "
-        "(generate + PNG) in this process, 1 thread.",
+        "(generate + PNG) in this process, 1 thread. The 1-client rows are measured "
+        "interleaved: one client sends each request to every server in turn, so all of them see "
+        "the same load.",
         "",
         "| phase | p50 ms | p95 ms | p99 ms | images/s | images per model call | load |",
         "|---|---:|---:|---:|---:|---:|---:|",
