@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import http.client
 import json
+import math
 import os
 import socket
 import statistics
@@ -172,12 +173,38 @@ def http_client(port: int, prefix: str, steps: int) -> Callable[[], Callable[[in
     return make
 
 
+class Tally:
+    """One server's answers in a phase: status counts; latency and model-call size of the 200s."""
+
+    def __init__(self) -> None:
+        self.lat: list[float] = []
+        self.batch: list[int] = []
+        self.codes: dict[int, int] = {}
+
+    def add(self, status: int, images: int, seconds: float) -> None:
+        self.codes[status] = self.codes.get(status, 0) + 1
+        if status == 200:
+            self.lat.append(seconds)
+            self.batch.append(images)
+
+    def result(self, wall_s: float) -> dict:
+        """``summary`` of the answered requests over ``wall_s`` (NaN figures when none was)."""
+        out = summary(self.lat, wall_s, len(self.lat)) if self.lat else summary([math.nan], 1.0, 0)
+        out["status"] = self.codes
+        out["mean_batch"] = statistics.fmean(self.batch) if self.batch else 0.0
+        return out
+
+
+def timed(one: Callable[[int], tuple], i: int) -> tuple[int, int, float]:
+    t = time.perf_counter()
+    status, images = one(i)
+    return status, images, time.perf_counter() - t
+
+
 def load(make: Callable[[], Callable[[int], tuple]], n: int, conc: int, timeout: float) -> dict:
     """``n`` requests from ``conc`` clients (``make()`` gives each its request function);
     latency per request, images/s overall."""
-    lat: list[float] = []
-    batch: list[int] = []
-    codes: dict[int, int] = {}
+    tally = Tally()
     lock = threading.Lock()
     counter = iter(range(n))
     deadline = time.monotonic() + timeout
@@ -189,23 +216,15 @@ def load(make: Callable[[], Callable[[int], tuple]], n: int, conc: int, timeout:
                 i = next(counter, None)
             if i is None:
                 break
-            t = time.perf_counter()
-            status, images = one(i)
-            dt = time.perf_counter() - t
+            answer = timed(one, i)
             with lock:
-                codes[status] = codes.get(status, 0) + 1
-                if status == 200:
-                    lat.append(dt)
-                    batch.append(images)
+                tally.add(*answer)
 
     t0 = time.perf_counter()
     with ThreadPoolExecutor(conc) as pool:
         for f in [pool.submit(client) for _ in range(conc)]:
             f.result()
-    out = summary(lat, time.perf_counter() - t0, len(lat))
-    out["status"] = codes
-    out["mean_batch"] = statistics.fmean(batch) if batch else 0.0
-    return out
+    return tally.result(time.perf_counter() - t0)
 
 
 def load_interleaved(
@@ -216,29 +235,14 @@ def load_interleaved(
     phase, and phases run one after another would each see a different part of the drift.
     Images/s here is per server: its own requests over its own busy time."""
     ones = {label: make() for label, make in makes.items()}
-    lat: dict[str, list[float]] = {label: [] for label in makes}
-    codes: dict[str, dict[int, int]] = {label: {} for label in makes}
-    batch: dict[str, list[int]] = {label: [] for label in makes}
+    tallies = {label: Tally() for label in makes}
     deadline = time.monotonic() + timeout
     for i in range(n):
         if time.monotonic() > deadline:
             break
         for label, one in ones.items():
-            t = time.perf_counter()
-            status, images = one(i)
-            dt = time.perf_counter() - t
-            codes[label][status] = codes[label].get(status, 0) + 1
-            if status == 200:
-                lat[label].append(dt)
-                batch[label].append(images)
-    out = {}
-    for label in makes:
-        xs = lat[label]
-        res = summary(xs, sum(xs), len(xs)) if xs else summary([float("nan")], 1.0, 0)
-        res["status"] = codes[label]
-        res["mean_batch"] = statistics.fmean(batch[label]) if batch[label] else 0.0
-        out[label] = res
-    return out
+            tallies[label].add(*timed(one, i))
+    return {label: t.result(sum(t.lat)) for label, t in tallies.items()}
 
 
 def direct_ingress_ports(apps: list[str], timeout: float = 60.0) -> dict[str, int]:
