@@ -2,7 +2,7 @@
 significance test against the full method.
 
   python benchmarks/ablations.py [--seeds 0 1 2 3 4] [--eval-images 2000] [--max-minutes M]
-  python benchmarks/ablations.py --tag long --iterations 1350 --seeds 0 1 2 \\
+  python benchmarks/ablations.py --tag long --iterations 1350 --eval-every 450 --seeds 0 1 2 \\
       --variants full no_refresh no_dynamic_pool      # does a static pool overfit over time?
 
 Variants (each a set of config overrides on configs/digits.yaml):
@@ -22,12 +22,20 @@ so a study of 25 runs of ~10 minutes can be filled over several sittings (--max-
 starting new runs after that long). The summary (mean +- sd over seeds, and for each variant
 the paired t-test against full over the seeds both have) is rewritten from all rows every time:
 ablations_<tag>.md, .png.
+
+--eval-every N also evaluates each run every N iterations on the same images (the run's own
+in-loop evaluation, read back from its metrics.jsonl): the FID of every variant over training,
+ablations_<tag>_trajectory.csv (a row per run and evaluation, the final one included) and
+_trajectory.png, and a table per evaluation point in the .md. The G learning rate is constant
+at the preset, so a long run's point at the preset's length is the default study's run of the
+same seed: the two must agree (a check on the trajectory).
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import json
 import statistics
 import tempfile
 import time
@@ -46,7 +54,16 @@ METRICS = [f"{m}_{s}step" for s in STEPS for m in ("fid_digits", "alignment")]
 KEY = ("variant", "seed", "iterations", "eval_images", "overrides")
 
 
-def run_one(variant: str, seed: int, iterations: int, eval_images: int, extra: list[str]) -> dict:
+def run_one(
+    variant: str,
+    seed: int,
+    iterations: int,
+    eval_images: int,
+    extra: list[str],
+    eval_every: int = 0,
+) -> tuple[dict, list[dict]]:
+    """The run's row (its final evaluation) and its trajectory rows (every evaluation, the
+    final one last; only the final one when ``eval_every`` is 0)."""
     from nitro_dist.config import load_config
     from nitro_dist.distributed.ray_train import launch
 
@@ -54,7 +71,7 @@ def run_one(variant: str, seed: int, iterations: int, eval_images: int, extra: l
         *VARIANTS[variant],
         f"seed={seed}",
         f"train.iterations={iterations}",
-        "train.eval_every=0",
+        f"train.eval_every={eval_every}",
         "train.sample_every=0",
         "train.checkpoint_every=0",
         f"train.eval_images={eval_images}",
@@ -66,11 +83,28 @@ def run_one(variant: str, seed: int, iterations: int, eval_images: int, extra: l
         cfg = load_config("digits", [*overrides, f"distributed.storage_path={tmp}"])
         t0 = time.time()
         final = launch(cfg)  # as make train runs it: Ray Train, the preset's workers
+        evaluations = read_evaluations(Path(final["run_dir"]) / "metrics.jsonl")
     row: dict = {"variant": variant, "seed": seed, "iterations": iterations}
     row.update({"eval_images": eval_images, "overrides": " ".join(extra)})
     row["seconds"] = round(time.time() - t0, 1)
     row.update({k: round(float(final[k]), 4) for k in METRICS})
-    return row
+    key = {k: row[k] for k in KEY}
+    trajectory = [
+        {**key, "at_iteration": it, **{k: round(float(ev[k]), 4) for k in METRICS}}
+        for it, ev in evaluations
+    ]
+    return row, trajectory
+
+
+def read_evaluations(metrics_jsonl: Path) -> list[tuple[int, dict]]:
+    """(iteration, metrics) of every evaluation a run logged, in order (lines with all of
+    METRICS; the progress lines between them have none)."""
+    out = []
+    for line in metrics_jsonl.read_text().splitlines():
+        rec = json.loads(line)
+        if all(k in rec for k in METRICS):
+            out.append((int(rec["iteration"]), rec))
+    return out
 
 
 def read_rows(path: Path) -> list[dict]:
@@ -79,10 +113,12 @@ def read_rows(path: Path) -> list[dict]:
     with path.open(newline="") as f:
         rows = list(csv.DictReader(f))
     for r in rows:
-        for k in ("seed", "iterations", "eval_images"):
-            r[k] = int(r[k])
+        for k in ("seed", "iterations", "eval_images", "at_iteration"):
+            if k in r:
+                r[k] = int(r[k])
         for k in ("seconds", *METRICS):
-            r[k] = float(r[k])
+            if k in r:
+                r[k] = float(r[k])
         r["overrides"] = r.get("overrides") or ""
     return rows
 
@@ -179,6 +215,49 @@ def plot(summary: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def in_study(row: dict, study: tuple[int, int, str]) -> bool:
+    """Whether ``row`` is of the study (iterations, eval images, extra overrides)."""
+    return (row["iterations"], row["eval_images"], row["overrides"]) == study
+
+
+def trajectory_tables(rows: list[dict], variants: list[str]) -> str:
+    """One table (as ``table``) per evaluation point of the trajectory rows."""
+    parts = []
+    for at in sorted({r["at_iteration"] for r in rows}):
+        summary = summarise([r for r in rows if r["at_iteration"] == at], variants)
+        parts.append(table(summary, f"## At iteration {at}"))
+    return "\n\n".join(parts)
+
+
+def plot_trajectory(rows: list[dict], variants: list[str], path: Path) -> None:
+    """FID-digits against the iteration, one line per variant (mean +- sd over seeds)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    points = sorted({r["at_iteration"] for r in rows})
+    fig, axes = plt.subplots(1, len(STEPS), figsize=(4 * len(STEPS), 3.5))
+    for ax, step in zip(axes, STEPS, strict=True):
+        k = f"fid_digits_{step}step"
+        for variant in variants:
+            xs, ys, sds = [], [], []
+            for at in points:
+                vals = [r[k] for r in rows if r["variant"] == variant and r["at_iteration"] == at]
+                if vals:
+                    xs.append(at)
+                    ys.append(statistics.mean(vals))
+                    sds.append(statistics.stdev(vals) if len(vals) > 1 else 0.0)
+            if xs:
+                ax.errorbar(xs, ys, yerr=sds, marker="o", capsize=3, label=variant)
+        ax.set_xlabel("iteration")
+        ax.set_ylabel(f"FID-digits, {step} step{'s' if step > 1 else ''}")
+    axes[0].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def main(argv: list[str] | None = None) -> None:
     from nitro_dist.config import load_config
 
@@ -189,6 +268,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--iterations", type=int, default=preset, help=f"default: {preset}")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     ap.add_argument("--eval-images", type=int, default=2000)
+    ap.add_argument(
+        "--eval-every", type=int, default=0, help="also evaluate every N iterations (trajectory)"
+    )
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     ap.add_argument("--tag", default="default", help="names the study's files")
     ap.add_argument("--max-minutes", type=float, default=None, help="no new run after this")
@@ -197,6 +279,7 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     runs = args.out / f"ablations_{args.tag}_runs.csv"
+    trajectory = args.out / f"ablations_{args.tag}_trajectory.csv"
     extra = " ".join(args.overrides)
     t0 = time.time()
     # seed-major: a partial study still pairs every variant with full
@@ -208,15 +291,16 @@ def main(argv: list[str] | None = None) -> None:
         if args.max_minutes is not None and time.time() - t0 > 60 * args.max_minutes:
             print(f"--max-minutes {args.max_minutes} reached: no new run", flush=True)
             break
-        row = run_one(variant, seed, args.iterations, args.eval_images, args.overrides)
+        row, points = run_one(
+            variant, seed, args.iterations, args.eval_images, args.overrides, args.eval_every
+        )
         append_row(runs, row)
+        for point in points:
+            append_row(trajectory, point)
         print(row, flush=True)
-    rows = [
-        r
-        for r in read_rows(runs)
-        if (r["iterations"], r["eval_images"], r["overrides"])
-        == (args.iterations, args.eval_images, extra)
-    ]
+    study = (args.iterations, args.eval_images, extra)
+    rows = [r for r in read_rows(runs) if in_study(r, study)]
+    points = [r for r in read_rows(trajectory) if in_study(r, study)]
     if not rows:
         print("no finished run yet")
         return
@@ -228,6 +312,10 @@ def main(argv: list[str] | None = None) -> None:
         + (f"; every run with {extra}" if extra else "")
         + ")",
     )
+    if any(r["at_iteration"] < args.iterations for r in points):  # a trajectory was recorded
+        text += "\n\n# Over training (in-loop evaluations, same images)\n\n"
+        text += trajectory_tables(points, list(VARIANTS))
+        plot_trajectory(points, list(VARIANTS), args.out / f"ablations_{args.tag}_trajectory.png")
     print(text)
     (args.out / f"ablations_{args.tag}.md").write_text(text + "\n")
     plot(summary, args.out / f"ablations_{args.tag}.png")

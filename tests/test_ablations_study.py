@@ -1,0 +1,88 @@
+"""benchmarks/ablations.py's bookkeeping without training: a run's evaluations read back from its
+metrics.jsonl, runs accumulating over sittings (a finished run is not run again), and the
+trajectory of a study with in-loop evaluations (a table per evaluation point, the plot)."""
+
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _ablations():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import ablations
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    return ablations
+
+
+def _metrics(fid1: float) -> dict:
+    out = {}
+    for step, fid in zip((1, 2, 4), (fid1, fid1 - 4, fid1 - 3), strict=True):
+        out[f"fid_digits_{step}step"] = fid
+        out[f"alignment_{step}step"] = 0.99
+    return out
+
+
+def test_read_evaluations_keeps_the_evaluation_lines_in_order(tmp_path):
+    ablations = _ablations()
+    lines = [
+        {"iteration": 0, "images_seen": 0, "init_loss_start": 0.2},
+        {"iteration": 25, "images_seen": 1600, "g_loss": 0.03, "d_loss": 1.99},
+        {"iteration": 450, "images_seen": 28800, **_metrics(10.5)},
+        {"iteration": 475, "images_seen": 30400, "g_loss": 0.05},
+        {"iteration": 900, "images_seen": 57600, "skipped_steps": 0, **_metrics(10.1)},
+    ]
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    evaluations = ablations.read_evaluations(path)
+    assert [it for it, _ in evaluations] == [450, 900]
+    assert evaluations[1][1]["fid_digits_1step"] == 10.1
+
+
+def test_a_study_accumulates_and_records_its_trajectory(tmp_path, monkeypatch):
+    ablations = _ablations()
+    ran: list[tuple[str, int, int]] = []
+    fid = {"full": 10.0, "no_refresh": 10.6}
+
+    def fake_run(variant, seed, iterations, eval_images, extra, eval_every=0):
+        ran.append((variant, seed, eval_every))
+        row = {"variant": variant, "seed": seed, "iterations": iterations}
+        row.update({"eval_images": eval_images, "overrides": " ".join(extra), "seconds": 1.0})
+        points = []
+        for at in range(eval_every or iterations, iterations + 1, eval_every or iterations):
+            # no_refresh drifts up over training, full stays; seeds differ a little
+            drift = at / 900 + seed**2 / 50 if variant == "no_refresh" else 0
+            m = _metrics(fid[variant] + drift + seed / 10)
+            points.append({**{k: row[k] for k in ablations.KEY}, "at_iteration": at, **m})
+        row.update({k: points[-1][k] for k in ablations.METRICS})
+        return row, points
+
+    monkeypatch.setattr(ablations, "run_one", fake_run)
+    args = ["--tag", "t", "--iterations", "900", "--eval-every", "450", "--out", str(tmp_path)]
+    args += ["--variants", "full", "no_refresh"]
+    ablations.main([*args, "--seeds", "0", "1"])
+    assert ran == [
+        ("full", 0, 450),
+        ("no_refresh", 0, 450),
+        ("full", 1, 450),
+        ("no_refresh", 1, 450),
+    ]
+    ablations.main([*args, "--seeds", "0", "1", "2"])  # a later sitting: only seed 2 runs
+    assert ran[4:] == [("full", 2, 450), ("no_refresh", 2, 450)]
+
+    runs = ablations.read_rows(tmp_path / "ablations_t_runs.csv")
+    assert [(r["variant"], r["seed"]) for r in runs] == [
+        (v, s) for s in (0, 1, 2) for v in ("full", "no_refresh")
+    ]
+    points = ablations.read_rows(tmp_path / "ablations_t_trajectory.csv")
+    assert sorted({r["at_iteration"] for r in points}) == [450, 900]
+    assert len(points) == 12
+    md = (tmp_path / "ablations_t.md").read_text()
+    assert "## At iteration 450" in md and "## At iteration 900" in md
+    at_900 = md.split("## At iteration 900")[1]
+    assert "| no_refresh | 0,1,2 | 11.73 +- " in at_900  # mean of 10.6 + 1 + seed / 10 + seed² / 50
+    assert (tmp_path / "ablations_t_trajectory.png").stat().st_size > 0
+    assert (tmp_path / "ablations_t.png").stat().st_size > 0
