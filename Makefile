@@ -5,6 +5,8 @@
 #   make test-drills - the whole-system and fault drills make test leaves out (~18 minutes);
 #                    make test-all runs both
 #   make lint      - ruff and mypy (.ci/run runs it before the tests)
+#   make ship-cache - remake the digits default run's teacher pairs and one-step stage that the
+#                    package ships (nitro_dist/digits/weights/cache/), after a change to either
 VENV ?= .venv
 PY := $(VENV)/bin/python
 export OMP_WAIT_POLICY ?= PASSIVE
@@ -16,7 +18,7 @@ WITH_VENV := PATH=$(abspath $(VENV))/bin:$$PATH
 # two pytest-xdist workers; groups (the Ray block, a module's shared fixture) stay on one worker
 PYTEST := $(PY) -m pytest -q -n 2 --dist loadgroup
 
-.PHONY: setup train test test-fast test-drills test-all lint
+.PHONY: setup train test test-fast test-drills test-all lint ship-cache
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
@@ -49,6 +51,17 @@ test-drills: setup
 # everything: the suite and the drills in one session (one Ray cluster)
 test-all: setup
 	$(PYTEST)
+
+# the default run's two deterministic stages (seed 0, its 2 workers), computed afresh in an empty
+# cache and copied into the package: a fresh clone's `make train` loads them (nitro_dist/stage_cache.py)
+SHIP := nitro_dist/digits/weights/cache
+ship-cache: setup
+	rm -rf $(SHIP) build/ship-cache build/ship-run
+	NITRO_CACHE=$(abspath build/ship-cache) $(WITH_VENV) $(PY) -m nitro_dist.train \
+	  train.iterations=0 train.eval_images=10 logging.wandb=false distributed.storage_path=build/ship-run
+	mkdir -p $(SHIP)
+	cp -r build/ship-cache/teacher_pairs build/ship-cache/one_step_init $(SHIP)/
+	rm -rf build/ship-cache build/ship-run
 
 lint: setup
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .

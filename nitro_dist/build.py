@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from nitro_dist import lora, retry
+from nitro_dist import lora, retry, stage_cache
 from nitro_dist.checkpoint import Parts
 from nitro_dist.config import Config, dump_yaml, to_dict
 from nitro_dist.data.pairs import PromptSet, precompute_pairs
@@ -222,6 +222,7 @@ def build_run(
                 fingerprint_parts={"teacher": to_dict(tcfg), "schedule": models.schedule},
                 rank=rank,
                 world_size=world_size,
+                shipped=stage_cache.shipped_folders(task, cfg.model.source),
             )
     ema = None
     if cfg.optim.ema_decay > 0:

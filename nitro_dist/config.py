@@ -99,6 +99,9 @@ class InitConfig:
     lr: float = 1e-3  # AdamW, cosine decay to 0 over the stage
     # refinement steps k (1-based, of the 4-step schedule) trained, drawn uniformly per sample
     steps: list[int] = field(default_factory=lambda: [1])
+    # keep the stage's result and load it in a run that would compute the same one (the key hashes
+    # every input: nitro_dist/init_stage.py); the digits task ships its default run's
+    cache: bool = True
 
 
 @dataclass(kw_only=True)

@@ -20,17 +20,31 @@ the stage about W times faster and end with the same weights as one process (up 
 float sums). AdamW (betas 0.9/0.999, no weight decay, the run's gradient clip) with a cosine
 decay to zero; the optimizer is dropped afterwards: G's GAN optimizer starts fresh. A resumed
 run skips the stage (its G comes from the checkpoint).
+
+The stage is deterministic, so its result is kept (``init.cache``, ``stage_cache``: G's trained
+weights and the stage's loss figures) under a key hashing everything that changes it: the config
+parts it reads, the number of ranks and the device type (the order of float sums), the student's
+weights before it, the text encoders, the training prompts, their seeds and teacher pairs, and the
+source of the functions it runs. Another run that shares all of these (the same seed with another
+pool or GAN setting: an ablation, a Tune trial, a rerun) loads it instead of training it again,
+on every rank alike, and ends where the stage would have.
 """
 
 from __future__ import annotations
 
+import hashlib
+import inspect
+import json
 import math
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import torch
 
-from nitro_dist import lora, rng
+from nitro_dist import diffusion, lora, rng, stage_cache
+from nitro_dist.config import to_dict
+from nitro_dist.data import pairs
 from nitro_dist.distributed.g_update import average_over_ranks
 from nitro_dist.step import IterationNoise, autocast, backward_simulation, make_batch
 
@@ -66,18 +80,106 @@ def init_noise(
     return IterationNoise(k_B[mine], renoise[:, mine].to(x_T), torch.zeros_like(x_T))
 
 
+CACHE_KIND = "one_step_init"
+
+
+def stage_key(run: Run) -> str:
+    """The cache key of ``run``'s one-step stage (module doc: what it hashes)."""
+    cfg, data = run.cfg, run.train_set
+    assert data is not None  # data.source=task (one_step_init checks)
+    # what the stage runs: a change to any of them makes a new key (the cached G would be stale)
+    code: dict[str, Callable[..., object]] = {
+        "init_noise": init_noise,
+        "_train": _train,
+        "regression_loss": regression_loss,
+        "make_batch": make_batch,
+        "backward_simulation": backward_simulation,
+        "StudentDenoiser": diffusion.StudentDenoiser,
+        "seeded_noise": diffusion.seeded_noise,
+        "global_batch_indices": pairs.global_batch_indices,
+        "rank_slice": pairs.rank_slice,
+        "keyed_generator": rng.keyed_generator,
+        "average_over_ranks": average_over_ranks,
+        "trainable": lora.trainable,
+    }
+    parts = {
+        "init": to_dict(cfg.init),
+        "seed": cfg.seed,
+        "batch_size": cfg.train.batch_size,
+        "precision": cfg.train.precision,
+        "grad_clip": cfg.optim.grad_clip,
+        "model": to_dict(cfg.model),
+        "student": to_dict(cfg.student),
+        "sampler": to_dict(cfg.sampler),
+        "teacher": to_dict(cfg.teacher),
+        "schedule": run.models.schedule,
+        "sample_shape": run.models.sample_shape,
+        "world_size": run.world_size,
+        "device": run.device.type,
+        "prompts": data.prompts,
+        "code": {name: inspect.getsource(obj) for name, obj in code.items()},
+    }
+    h = hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode())
+    stage_cache.hash_tensors(h, [data.seeds])
+    if run.x0_offline is not None:
+        stage_cache.hash_tensors(h, [run.x0_offline])
+    for module in (run.models.student, run.models.text, run.models.teacher):
+        stage_cache.hash_module(h, module)
+    return h.hexdigest()[:16]
+
+
 def one_step_init(run: Run) -> dict[str, float]:
     """Train ``run``'s student in place for ``init.iterations`` regression steps (see module
-    doc); the EMA, when there is one, is set to the result. Returns the stage's metrics:
-    ``init_loss_start`` / ``init_loss_end`` (the mean of the first / last 10 steps' losses),
-    ``init_seconds``."""
+    doc), or load the result from the cache; the EMA, when there is one, is set to the result.
+    Returns the stage's metrics: ``init_loss_start`` / ``init_loss_end`` (the mean of the first
+    / last 10 steps' losses), ``init_seconds`` (this time) and ``init_cached`` (1: loaded)."""
     cfg = run.cfg
     n = cfg.init.iterations
-    student = run.models.student
     if n == 0:
         return {}
     if run.train_set is None:  # validate() refuses it; an internal invariant here
         raise ValueError("init.iterations needs data.source=task")
+    t0 = time.time()
+    key = stage_key(run) if cfg.init.cache else None
+    entry = None
+    if key is not None:
+        shipped = stage_cache.shipped_folders(run.task, cfg.model.source)
+        entry = stage_cache.find(CACHE_KIND, key, shipped)
+    if key is not None and run.world_size > 1:  # load only if every rank can (else all train)
+        import torch.distributed as dist
+
+        have = torch.tensor([int(entry is not None)], device=run.device)
+        dist.all_reduce(have, op=dist.ReduceOp.MIN)
+        if not int(have.item()):
+            entry = None
+    student = run.models.student
+    if entry is not None:
+        weights, meta = entry
+        params = dict(student.named_parameters())
+        with torch.no_grad():
+            for name, w in weights.items():
+                params[name].copy_(w)
+        student.train()  # as the stage leaves it
+        metrics = {k: float(meta[k]) for k in ("init_loss_start", "init_loss_end")}
+        metrics["init_cached"] = 1.0
+    else:
+        metrics = _train(run)
+        metrics["init_cached"] = 0.0
+        if key is not None:
+            trained = {name: p for name, p in student.named_parameters() if p.requires_grad}
+            meta = {k: repr(v) for k, v in metrics.items() if k.startswith("init_loss")}
+            stage_cache.store(CACHE_KIND, key, trained, meta)
+    if run.ema is not None:
+        run.ema.load_state_dict(student.state_dict())
+    metrics["init_seconds"] = time.time() - t0
+    return metrics
+
+
+def _train(run: Run) -> dict[str, float]:
+    """The stage's ``init.iterations`` steps on ``run``'s student, in place."""
+    cfg = run.cfg
+    n = cfg.init.iterations
+    student = run.models.student
     opt = torch.optim.AdamW(
         student.parameters(), lr=cfg.init.lr, betas=(0.9, 0.999), weight_decay=0
     )
@@ -85,7 +187,6 @@ def one_step_init(run: Run) -> dict[str, float]:
     trained = lora.trainable(student)
     rank, world = run.rank, run.world_size
     losses: list[float] = []
-    t0 = time.time()
     student.train()
     for i in range(n):
         it = INIT_BATCH_OFFSET + i
@@ -108,11 +209,5 @@ def one_step_init(run: Run) -> dict[str, float]:
         sched.step()
         losses.append(loss_value.item())
     student.zero_grad(set_to_none=True)
-    if run.ema is not None:
-        run.ema.load_state_dict(student.state_dict())
     k = min(10, n)
-    return {
-        "init_loss_start": sum(losses[:k]) / k,
-        "init_loss_end": sum(losses[-k:]) / k,
-        "init_seconds": time.time() - t0,
-    }
+    return {"init_loss_start": sum(losses[:k]) / k, "init_loss_end": sum(losses[-k:]) / k}

@@ -156,10 +156,11 @@ def train(
         else:  # a fresh run: the one-step starting stage (init.iterations; every rank alike)
             init_metrics = one_step_init(run)
             if init_metrics and lead:
+                how = "loaded from the cache" if init_metrics["init_cached"] else "trained"
                 say(
                     f"one-step init: {cfg.init.iterations} iterations, regression loss "
                     f"{init_metrics['init_loss_start']:.4f} -> {init_metrics['init_loss_end']:.4f}"
-                    f" in {init_metrics['init_seconds']:.0f}s"
+                    f", {how} in {init_metrics['init_seconds']:.0f}s"
                 )
         session.parallelize(run)
         if path is not None:

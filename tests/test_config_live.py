@@ -58,7 +58,7 @@ from unittest import mock
 import pytest
 import torch
 
-from nitro_dist import loop, lora
+from nitro_dist import loop, lora, stage_cache
 from nitro_dist.build import build_run, models_of
 from nitro_dist.checkpoint import DiskFullError, NonFiniteError
 from nitro_dist.config import Config, get_key, load_config, to_dict, with_values
@@ -160,6 +160,8 @@ KEYS: dict[str, Case] = {
     "init.iterations": Case(2, "step", ("init", "student")),
     "init.lr": Case(1e-2, "step", ("init", "student"), {"init.iterations": 2}),
     "init.steps": Case([2], "step", ("init", "student"), {"init.iterations": 2}),
+    # the stage's result kept in the stage cache (a second run loads it: tests/test_init_stage.py)
+    "init.cache": Case(False, "step", "stage_cache", {"init.iterations": 2}),
     # refinement
     "refinement.enable_at": Case([0, 1, 1, 1], "step", "student_batches"),
     "refinement.k_weights": Case([4, 1, 1, 1], "step", "student"),  # other k drawn
@@ -528,6 +530,7 @@ def probe_step(cfg: Config, scratch: Path) -> dict[str, Any]:
     run = build(cfg)
     init = one_step_init(run)  # what loop.train runs first on a fresh run (init.iterations)
     init.pop("init_seconds", None)
+    init.pop("init_cached", None)  # trained, or loaded when the probe runs again: the same G
     g_norms, head_steps = [], []
     g_lrs: list[float] = []
     run.g.optimizer.register_step_pre_hook(lambda opt, *_: g_norms.append(grad_norm(opt)))
@@ -546,6 +549,10 @@ def probe_step(cfg: Config, scratch: Path) -> dict[str, Any]:
         "ema": None if run.ema is None else digest(run.ema.parameters()),
         "heads": digest(run.pool.local.parameters()),
         "files": files(scratch),
+        # the kinds of entries in the probe's stage cache (fingerprint() gives each its own)
+        "stage_cache": sorted(
+            p.parent.name for p in stage_cache.cache_dir().rglob("*.safetensors")
+        ),
     }
 
 

@@ -3,10 +3,21 @@
 import pytest
 import torch
 
+from nitro_dist import init_stage, stage_cache
 from nitro_dist.build import build_run
 from nitro_dist.diffusion import TeacherSampler, seeded_noise
-from nitro_dist.init_stage import INIT_BATCH_OFFSET, one_step_init, regression_loss
+from nitro_dist.init_stage import INIT_BATCH_OFFSET, one_step_init, regression_loss, stage_key
 from nitro_dist.step import make_batch, paired_k1_loss
+
+STAGE = [
+    "init.iterations=4",
+    "init.lr=3e-3",
+    "optim.ema_decay=0.9",
+    "teacher.mode=offline",
+    "teacher.offline_pairs=8",
+    "train.batch_size=8",
+    "pool.levels=[0]",
+]
 
 
 def test_regression_loss_is_the_mean_squared_error():
@@ -28,15 +39,7 @@ def test_paired_k1_loss_counts_only_one_step_samples_over_the_whole_batch():
 
 
 def test_stage_fits_the_teacher_pairs_and_starts_the_ema_there(tiny_cfg):
-    cfg = tiny_cfg(
-        "init.iterations=4",
-        "init.lr=3e-3",
-        "optim.ema_decay=0.9",
-        "teacher.mode=offline",
-        "teacher.offline_pairs=8",
-        "train.batch_size=8",
-        "pool.levels=[0]",
-    )
+    cfg = tiny_cfg(*STAGE, "init.cache=false")  # trained here, never loaded
     run = build_run(cfg, progress=False)
     before = [p.detach().clone() for p in run.models.student.parameters()]
     batch = make_batch(run, INIT_BATCH_OFFSET)  # all 8 pairs
@@ -81,3 +84,104 @@ def test_clean_x0_is_the_last_steps_clean_estimate(tiny_models):
     noisy, clean = sample(False, False), sample(True, False)
     assert not torch.allclose(noisy, clean)
     torch.testing.assert_close(clean, sample(False, True), rtol=1e-5, atol=1e-5)
+
+
+def test_a_cached_stage_loads_what_it_trained_and_a_changed_input_trains_again(
+    tiny_cfg, tmp_path, monkeypatch
+):
+    """init.cache: a second run that would train the same stage loads its G (no batch is drawn)
+    and ends with the same weights, EMA and loss figures; a changed input (init.lr, the number
+    of ranks, the student's weights) makes another key; init.cache=false neither reads nor
+    writes; a torn entry is trained again and replaced."""
+    monkeypatch.setenv("NITRO_CACHE", str(tmp_path / "cache"))
+    batches: list[int] = []
+    real = init_stage.make_batch
+    monkeypatch.setattr(
+        init_stage, "make_batch", lambda *a, **k: batches.append(1) or real(*a, **k)
+    )
+    entries = lambda: sorted((tmp_path / "cache" / "one_step_init").glob("*.safetensors"))
+
+    first = build_run(tiny_cfg(*STAGE), progress=False)
+    key = stage_key(first)  # of the student before the stage
+    m1 = one_step_init(first)
+    assert m1["init_cached"] == 0.0 and len(batches) == 4
+    (entry,) = entries()
+    assert entry.stem == key
+
+    again = build_run(tiny_cfg(*STAGE), progress=False)
+    m2 = one_step_init(again)
+    assert m2["init_cached"] == 1.0 and len(batches) == 4  # loaded: no batch drawn
+    assert (m2["init_loss_start"], m2["init_loss_end"]) == (
+        m1["init_loss_start"],
+        m1["init_loss_end"],
+    )
+    for a, b in zip(
+        first.models.student.parameters(), again.models.student.parameters(), strict=True
+    ):
+        assert torch.equal(a, b)
+    assert again.ema is not None
+    for a, b in zip(again.ema.parameters(), again.models.student.parameters(), strict=True):
+        assert torch.equal(a, b)
+    assert again.models.student.training
+
+    other = build_run(tiny_cfg(*STAGE, "init.lr=1e-3"), progress=False)
+    assert one_step_init(other)["init_cached"] == 0.0 and len(batches) == 8
+    assert len(entries()) == 2
+    off = build_run(tiny_cfg(*STAGE, "init.cache=false"), progress=False)
+    assert one_step_init(off)["init_cached"] == 0.0 and len(batches) == 12
+    assert len(entries()) == 2
+
+    fresh = build_run(tiny_cfg(*STAGE), progress=False)
+    assert stage_key(fresh) == key
+    fresh.world_size = 2  # another summation order: another key (the key only; nothing runs)
+    assert stage_key(fresh) != key
+    fresh.world_size = 1
+    with torch.no_grad():
+        next(fresh.models.student.parameters()).add_(1e-3)
+    assert stage_key(fresh) != key
+
+    entry.write_bytes(entry.read_bytes()[:100])  # torn
+    torn = build_run(tiny_cfg(*STAGE), progress=False)
+    assert one_step_init(torn)["init_cached"] == 0.0 and len(batches) == 16
+    assert stage_cache.find("one_step_init", key) is not None  # written again, whole
+
+
+def test_shipped_entries_are_found_after_the_users_and_never_removed(tmp_path, monkeypatch):
+    monkeypatch.setenv("NITRO_CACHE", str(tmp_path / "mine"))
+    shipped = tmp_path / "shipped"
+    (shipped / "kind").mkdir(parents=True)
+    stage_cache.store("kind", "k", {"x": torch.ones(2)}, {"loss": "0.5"})
+    (tmp_path / "mine" / "kind" / "k.safetensors").rename(shipped / "kind" / "k.safetensors")
+    tensors, meta = stage_cache.find("kind", "k", [shipped])
+    assert torch.equal(tensors["x"], torch.ones(2)) and meta == {"loss": "0.5"}
+    stage_cache.store("kind", "k", {"x": torch.zeros(2)})  # the user's own entry comes first
+    assert torch.equal(stage_cache.find("kind", "k", [shipped])[0]["x"], torch.zeros(2))
+    (shipped / "kind" / "k.safetensors").write_bytes(b"torn")
+    (tmp_path / "mine" / "kind" / "k.safetensors").unlink()
+    assert stage_cache.find("kind", "k", [shipped]) is None
+    assert (shipped / "kind" / "k.safetensors").exists()  # read-only: a shipped file stays
+
+
+def test_the_shipped_stage_cache_is_the_default_runs(monkeypatch):
+    """The digits task ships its default run's teacher pairs and one-step stage (seed 0, the
+    preset's workers): both must be what that run looks up now, or a fresh clone's `make train`
+    computes them again (~3 minutes). After a change to either stage: `make ship-cache`."""
+    from nitro_dist.config import load_config
+
+    cfg = load_config("digits")
+    asked: list[tuple[str, str]] = []
+    real = stage_cache.find
+    monkeypatch.setattr(
+        stage_cache, "find", lambda k, key, *a: asked.append((k, key)) or real(k, key, *a)
+    )
+    run = build_run(cfg, progress=False)  # its pairs: the shipped ones (or the user's cache)
+    run.world_size = cfg.distributed.num_workers  # the key of the Ray Train run (nothing runs)
+    (shipped,) = stage_cache.shipped_folders(run.task, cfg.model.source)
+    ((kind, pairs_key),) = asked
+    assert kind == "teacher_pairs"
+    assert (shipped / kind / f"{pairs_key}.safetensors").exists(), "stale: make ship-cache"
+    assert (shipped / "one_step_init" / f"{stage_key(run)}.safetensors").exists(), (
+        "stale: make ship-cache"
+    )
+    assert sorted(p.name for p in shipped.iterdir()) == ["one_step_init", "teacher_pairs"]
+    assert len(list(shipped.rglob("*.safetensors"))) == 2  # nothing stale left beside them

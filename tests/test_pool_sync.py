@@ -37,7 +37,8 @@ VARIANTS = {
     # a LoRA student (student.lora): only the adapters are averaged and stepped
     "lora": ["student.lora.rank=4", "student.lora.alpha=8", "optim.lr=2e-3"],
     # the one-step stage first: 2 regression steps of AdamW at lr 1e-3 on each rank's half batch
-    "init": ["init.iterations=2", "init.lr=1e-3"],
+    # (trained on every run: a cached result would not exercise the ranks' gradient averaging)
+    "init": ["init.iterations=2", "init.lr=1e-3", "init.cache=false"],
     # a t* bucket per sample: W=1 judges micro-batches of 2, each W=2 rank micro-batches of 1
     # sample (one bucket each: the other buckets' heads judge nothing there, and get gradients
     # from the other micro-batch or rank), weighted to the same loss

@@ -12,16 +12,15 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from nitro_dist import rng
+from nitro_dist import rng, stage_cache
 from nitro_dist.diffusion import TeacherSampler, seeded_noise
 from nitro_dist.models.text import TextConditioner
 
@@ -53,10 +52,6 @@ def rank_slice(indices: torch.Tensor, rank: int, world_size: int) -> torch.Tenso
         )
     per = len(indices) // world_size
     return indices[rank * per : (rank + 1) * per]
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("NITRO_CACHE", Path.home() / ".cache" / "nitro_dist"))
 
 
 def _fingerprint(teacher: torch.nn.Module, parts: dict) -> str:
@@ -100,8 +95,10 @@ def precompute_pairs(
     progress: bool = True,
     rank: int = 0,
     world_size: int = 1,
+    shipped: Sequence[Path] = (),
 ) -> torch.Tensor:
-    """Teacher x0 for every sample of ``data`` (N x C x H x W, fp32 on CPU), cached on disk.
+    """Teacher x0 for every sample of ``data`` (N x C x H x W, fp32 on CPU), cached on disk
+    (``stage_cache``: the user's cache, then the ``shipped`` folders).
 
     With ``world_size`` > 1 (a process group is up) every rank calls it: unless every rank finds
     the cache, rank r computes batches r, r + W, ... and each batch is broadcast from its owner;
@@ -117,8 +114,8 @@ def precompute_pairs(
             "prompts": data.prompts[:8],
         },
     )
-    path = cache_dir() / "teacher_pairs" / f"{key}.safetensors"
-    cached = _read_cache(path)
+    entry = stage_cache.find("teacher_pairs", key, shipped)
+    cached = None if entry is None else entry[0]["x0"]
     if world_size > 1:  # compute together unless every rank has it
         have = torch.tensor([int(cached is not None)], device=device)
         dist.all_reduce(have, op=dist.ReduceOp.MIN)
@@ -143,19 +140,5 @@ def precompute_pairs(
             out[s] = buf
     x0 = torch.cat([out[s].cpu() for s in starts])
     if cached is None:  # a rank that had the set computed its share for the others only
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        save_file({"x0": x0.contiguous()}, str(tmp))
-        tmp.replace(path)
+        stage_cache.store("teacher_pairs", key, {"x0": x0})
     return x0
-
-
-def _read_cache(path: Path) -> torch.Tensor | None:
-    """The cached set, or None when there is none or it is torn (it is then removed)."""
-    if not path.exists():
-        return None
-    try:
-        return load_file(path)["x0"]
-    except Exception:  # a torn cache file: recompute it
-        path.unlink(missing_ok=True)
-        return None
