@@ -23,11 +23,11 @@ run skips the stage (its G comes from the checkpoint).
 
 The stage is deterministic, so its result is kept (``init.cache``, ``stage_cache``: G's trained
 weights and the stage's loss figures) under a key hashing everything that changes it: the config
-parts it reads, the number of ranks and the device type (the order of float sums), the student's
-weights before it, the text encoders, the training prompts, their seeds and teacher pairs, and the
-source of the functions it runs. Another run that shares all of these (the same seed with another
-pool or GAN setting: an ablation, a Tune trial, a rerun) loads it instead of training it again,
-on every rank alike, and ends where the stage would have.
+parts it reads, the number of ranks, the device type and the intra-op threads (the order of float
+sums), the student's weights before it, the text encoders, the training prompts, their seeds and
+teacher pairs, and the source of the functions it runs. Another run that shares all of these (the
+same seed with another pool or GAN setting: an ablation, a Tune trial, a rerun) loads it instead
+of training it again, on every rank alike, and ends where the stage would have.
 """
 
 from __future__ import annotations
@@ -81,6 +81,14 @@ def init_noise(
 
 
 CACHE_KIND = "one_step_init"
+FLOAT_KEYS = (
+    "batch_size",
+    "precision",
+    "channels_last",
+    "compile",
+    "compile_backend",
+    "compile_mode",
+)
 
 
 def stage_key(run: Run) -> str:
@@ -105,8 +113,9 @@ def stage_key(run: Run) -> str:
     parts = {
         "init": to_dict(cfg.init),
         "seed": cfg.seed,
-        "batch_size": cfg.train.batch_size,
-        "precision": cfg.train.precision,
+        # what changes the float results: batch, precision, kernels, the intra-op thread count
+        "train": {k: getattr(cfg.train, k) for k in FLOAT_KEYS},
+        "threads": torch.get_num_threads(),
         "grad_clip": cfg.optim.grad_clip,
         "model": to_dict(cfg.model),
         "student": to_dict(cfg.student),

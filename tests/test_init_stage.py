@@ -91,8 +91,8 @@ def test_a_cached_stage_loads_what_it_trained_and_a_changed_input_trains_again(
 ):
     """init.cache: a second run that would train the same stage loads its G (no batch is drawn)
     and ends with the same weights, EMA and loss figures; a changed input (init.lr, the number
-    of ranks, the student's weights) makes another key; init.cache=false neither reads nor
-    writes; a torn entry is trained again and replaced."""
+    of ranks or threads, the student's weights) makes another key; init.cache=false neither
+    reads nor writes; a torn entry is trained again and replaced."""
     monkeypatch.setenv("NITRO_CACHE", str(tmp_path / "cache"))
     batches: list[int] = []
     real = init_stage.make_batch
@@ -136,6 +136,12 @@ def test_a_cached_stage_loads_what_it_trained_and_a_changed_input_trains_again(
     fresh.world_size = 2  # another summation order: another key (the key only; nothing runs)
     assert stage_key(fresh) != key
     fresh.world_size = 1
+    threads = torch.get_num_threads()
+    torch.set_num_threads(threads + 1)  # another intra-op split of the sums: another key
+    try:
+        assert stage_key(fresh) != key
+    finally:
+        torch.set_num_threads(threads)
     with torch.no_grad():
         next(fresh.models.student.parameters()).add_(1e-3)
     assert stage_key(fresh) != key
@@ -176,11 +182,17 @@ def test_the_shipped_stage_cache_is_the_default_runs(monkeypatch):
     )
     run = build_run(cfg, progress=False)  # its pairs: the shipped ones (or the user's cache)
     run.world_size = cfg.distributed.num_workers  # the key of the Ray Train run (nothing runs)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(int(cfg.distributed.cpus_per_worker))  # Ray's OMP_NUM_THREADS there
+    try:
+        init_key = stage_key(run)
+    finally:
+        torch.set_num_threads(threads)
     (shipped,) = stage_cache.shipped_folders(run.task, cfg.model.source)
     ((kind, pairs_key),) = asked
     assert kind == "teacher_pairs"
     assert (shipped / kind / f"{pairs_key}.safetensors").exists(), "stale: make ship-cache"
-    assert (shipped / "one_step_init" / f"{stage_key(run)}.safetensors").exists(), (
+    assert (shipped / "one_step_init" / f"{init_key}.safetensors").exists(), (
         "stale: make ship-cache"
     )
     assert sorted(p.name for p in shipped.iterdir()) == ["one_step_init", "teacher_pairs"]
