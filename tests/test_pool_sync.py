@@ -102,6 +102,7 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
             info = run_rank(rank, world, out, variant)
             torch.save(info, os.path.join(out, f"info_w{world}{variant}_r{rank}.pt"))
         torch.save(pair_builds(rank, world, out), os.path.join(out, f"pairs_w2_r{rank}.pt"))
+        torch.save(init_builds(rank, world, out), os.path.join(out, f"init_w2_r{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
@@ -133,6 +134,28 @@ def pair_builds(rank: int, world: int, out: str) -> list[dict]:
                 builds.append({"batches": len(calls), "x0": run.x0_offline})
     torch.set_num_threads(threads)
     return builds
+
+
+def init_builds(rank: int, world: int, out: str) -> list[dict]:
+    """Three fresh runs with the one-step stage cached (init.cache), each rank with a cache
+    folder of its own: both empty; rank 1's removed again; both filled. Per run: whether the
+    stage was loaded, and G after it."""
+    cache = os.path.join(out, f"init_cache_w{world}_r{rank}")
+    runs = []
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with mock.patch.dict(os.environ, {"NITRO_CACHE": cache}):
+        for wipe in (False, True, False):
+            if wipe and rank == 1:
+                for f in Path(cache, "one_step_init").glob("*.safetensors"):
+                    f.unlink()
+            cfg = load_config("tiny", OVERRIDES + VARIANTS["init"][:2])  # cache on
+            run = build_run(cfg, rank=rank, world_size=world, owned_heads=[], progress=False)
+            metrics = one_step_init(run)
+            state = {k: v.clone() for k, v in run.models.student.state_dict().items()}
+            runs.append({"cached": metrics["init_cached"], "student": state})
+    torch.set_num_threads(threads)
+    return runs
 
 
 @pytest.fixture(scope="module")
@@ -205,6 +228,21 @@ def test_two_ranks_split_the_teacher_pairs_and_each_holds_the_whole_set(runs):
     for builds in two:
         for b in builds:
             assert torch.equal(b["x0"], one[0]["x0"])  # bit for bit: the same batches
+
+
+@pytest.mark.slow
+def test_two_ranks_load_a_cached_stage_only_when_both_have_it(runs):
+    """init.cache on two ranks: the stage is loaded only when every rank finds it (else every
+    rank trains it, as a rank alone cannot join the others' gradient averaging), and G is the
+    same bit for bit on both ranks, trained or loaded."""
+    out, _, _ = runs
+    two = [torch.load(os.path.join(out, f"init_w2_r{r}.pt")) for r in range(2)]
+    assert [[b["cached"] for b in builds] for builds in two] == [[0, 0, 1], [0, 0, 1]]
+    ref = two[0][0]["student"]
+    for builds in two:
+        for b in builds:
+            for k, v in b["student"].items():
+                assert torch.equal(v, ref[k]), k
 
 
 @pytest.mark.slow
