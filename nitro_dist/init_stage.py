@@ -96,20 +96,20 @@ def stage_key(run: Run) -> str:
     cfg, data = run.cfg, run.train_set
     assert data is not None  # data.source=task (one_step_init checks)
     # what the stage runs: a change to any of them makes a new key (the cached G would be stale)
-    code: dict[str, Callable[..., object]] = {
-        "init_noise": init_noise,
-        "_train": _train,
-        "regression_loss": regression_loss,
-        "make_batch": make_batch,
-        "backward_simulation": backward_simulation,
-        "StudentDenoiser": diffusion.StudentDenoiser,
-        "seeded_noise": diffusion.seeded_noise,
-        "global_batch_indices": pairs.global_batch_indices,
-        "rank_slice": pairs.rank_slice,
-        "keyed_generator": rng.keyed_generator,
-        "average_over_ranks": average_over_ranks,
-        "trainable": lora.trainable,
-    }
+    code: list[Callable[..., object]] = [
+        init_noise,
+        _train,
+        regression_loss,
+        make_batch,
+        backward_simulation,
+        diffusion.StudentDenoiser,
+        diffusion.seeded_noise,
+        pairs.global_batch_indices,
+        pairs.rank_slice,
+        rng.keyed_generator,
+        average_over_ranks,
+        lora.trainable,
+    ]
     parts = {
         "init": to_dict(cfg.init),
         "seed": cfg.seed,
@@ -126,7 +126,7 @@ def stage_key(run: Run) -> str:
         "world_size": run.world_size,
         "device": run.device.type,
         "prompts": data.prompts,
-        "code": {name: inspect.getsource(obj) for name, obj in code.items()},
+        "code": {obj.__qualname__: inspect.getsource(obj) for obj in code},
     }
     h = hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode())
     stage_cache.hash_tensors(h, [data.seeds])

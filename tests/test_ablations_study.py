@@ -3,19 +3,12 @@ metrics.jsonl, runs accumulating over sittings (a finished run is not run again)
 trajectory of a study with in-loop evaluations (a table per evaluation point, the plot)."""
 
 import json
-import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+import benchmark_module
 
 
 def _ablations():
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        import ablations
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
-    return ablations
+    return benchmark_module.load("ablations")
 
 
 def _metrics(fid1: float) -> dict:

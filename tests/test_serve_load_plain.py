@@ -4,21 +4,13 @@ answered, one image per model call, the server gone afterwards) and its interlea
 phase."""
 
 import http.client
-import sys
-from pathlib import Path
 
+import benchmark_module
 import pytest
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def _serve_load():
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        import serve_load
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
-    return serve_load
+    return benchmark_module.load("serve_load")
 
 
 def test_one_client_phase_sends_each_request_to_every_server_in_turn():
