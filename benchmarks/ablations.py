@@ -26,9 +26,11 @@ ablations_<tag>.md, .png.
 --eval-every N also evaluates each run every N iterations on the same images (the run's own
 in-loop evaluation, read back from its metrics.jsonl): the FID of every variant over training,
 ablations_<tag>_trajectory.csv (a row per run and evaluation, the final one included) and
-_trajectory.png, and a table per evaluation point in the .md. The G learning rate is constant
-at the preset, so a long run's point at the preset's length is the default study's run of the
-same seed: the two must agree (a check on the trajectory).
+_trajectory.png, and a table per evaluation point in the .md, with the gap of each variant to
+full at every point and whether it grows from the first point to the last (the paper's claim that
+a static pool overfits over long training, as a paired test over the seeds). The G learning
+rate is constant at the preset, so a long run's point at the preset's length is the default
+study's run of the same seed: the two must agree (a check on the trajectory).
 """
 
 from __future__ import annotations
@@ -229,6 +231,55 @@ def trajectory_tables(rows: list[dict], variants: list[str]) -> str:
     return "\n\n".join(parts)
 
 
+def gap_table(rows: list[dict], variants: list[str]) -> str:
+    """The paper's claim as a test: does a variant's FID gap to full grow over training? Per
+    variant and step count, the gap (variant - full, mean +- sd over the seeds both have) at every
+    evaluation point, and its growth from the first point to the last with a paired t-test over
+    the seeds (the gap at the last point against the gap at the first)."""
+    points = sorted({r["at_iteration"] for r in rows})
+    at = {(r["variant"], r["seed"], r["at_iteration"]): r for r in rows}
+    lines = [
+        "## The gap to full over training",
+        "",
+        "FID-digits of the variant minus full's, mean +- sd over the seeds both have (positive: "
+        "the variant is worse); growth: the gap at the last point minus at the first, with the "
+        "two-sided paired t-test of the two gaps over the seeds (n).",
+        "",
+        "| variant | steps | " + " | ".join(f"gap at {p}" for p in points) + " | growth (p) |",
+        "|---|---|" + "---|" * len(points) + "---|",
+    ]
+    for variant in variants:
+        if variant == "full":
+            continue
+        for step in STEPS:
+            k = f"fid_digits_{step}step"
+            gaps: dict[int, dict[int, float]] = {}  # point -> seed -> gap
+            for p in points:
+                gaps[p] = {
+                    seed: at[(variant, seed, p)][k] - at[("full", seed, p)][k]
+                    for (v, seed, q) in at
+                    if v == variant and q == p and ("full", seed, p) in at
+                }
+            if not any(gaps.values()):
+                continue
+            cells = []
+            for p in points:
+                vals = list(gaps[p].values())
+                sd = statistics.stdev(vals) if len(vals) > 1 else 0.0
+                cells.append(f"{statistics.mean(vals):+.2f} +- {sd:.2f}" if vals else "-")
+            first, last = gaps[points[0]], gaps[points[-1]]
+            both = sorted(set(first) & set(last))
+            growth = "-"
+            if both:
+                mean = statistics.mean(last[s] - first[s] for s in both)
+                n, p_value = paired_p(last, first)
+                growth = f"{mean:+.2f}" + (
+                    f" ({p_value:.3f}, n={n})" if p_value is not None else ""
+                )
+            lines.append(f"| {variant} | {step} | " + " | ".join(cells) + f" | {growth} |")
+    return "\n".join(lines)
+
+
 def plot_trajectory(rows: list[dict], variants: list[str], path: Path) -> None:
     """FID-digits against the iteration, one line per variant (mean +- sd over seeds)."""
     import matplotlib
@@ -315,6 +366,7 @@ def main(argv: list[str] | None = None) -> None:
     if any(r["at_iteration"] < args.iterations for r in points):  # a trajectory was recorded
         text += "\n\n# Over training (in-loop evaluations, same images)\n\n"
         text += trajectory_tables(points, list(VARIANTS))
+        text += "\n\n" + gap_table(points, list(VARIANTS))
         plot_trajectory(points, list(VARIANTS), args.out / f"ablations_{args.tag}_trajectory.png")
     print(text)
     (args.out / f"ablations_{args.tag}.md").write_text(text + "\n")
