@@ -147,6 +147,11 @@ def paired_p(a: dict[int, float], b: dict[int, float]) -> tuple[int, float | Non
     return len(seeds), float(ttest_rel(xs, ys).pvalue)
 
 
+def mean_sd(vals: list[float]) -> tuple[float, float]:
+    """Mean and sample sd (0 for a single value) of a non-empty list."""
+    return statistics.mean(vals), statistics.stdev(vals) if len(vals) > 1 else 0.0
+
+
 def summarise(rows: list[dict], variants: list[str]) -> list[dict]:
     by = {v: {r["seed"]: r for r in rows if r["variant"] == v} for v in variants}
     out = []
@@ -156,9 +161,7 @@ def summarise(rows: list[dict], variants: list[str]) -> list[dict]:
             continue
         s: dict = {"variant": variant, "seeds": sorted(by[variant])}
         for k in METRICS:
-            vals = [r[k] for r in mine]
-            s[k] = statistics.mean(vals)
-            s[f"{k}_sd"] = statistics.stdev(vals) if len(vals) > 1 else 0.0
+            s[k], s[f"{k}_sd"] = mean_sd([r[k] for r in mine])
         for step in STEPS:
             k = f"fid_digits_{step}step"
             mine_k = {seed: r[k] for seed, r in by[variant].items()}
@@ -264,11 +267,13 @@ def gap_table(rows: list[dict], variants: list[str]) -> str:
                 continue
             cells = []
             for p in points:
-                vals = list(gaps[p].values())
-                sd = statistics.stdev(vals) if len(vals) > 1 else 0.0
-                cells.append(f"{statistics.mean(vals):+.2f} +- {sd:.2f}" if vals else "-")
+                if gaps[p]:
+                    mean, sd = mean_sd(list(gaps[p].values()))
+                    cells.append(f"{mean:+.2f} +- {sd:.2f}")
+                else:
+                    cells.append("-")
             first, last = gaps[points[0]], gaps[points[-1]]
-            both = sorted(set(first) & set(last))
+            both = set(first) & set(last)
             growth = "-"
             if both:
                 mean = statistics.mean(last[s] - first[s] for s in both)
@@ -296,9 +301,10 @@ def plot_trajectory(rows: list[dict], variants: list[str], path: Path) -> None:
             for at in points:
                 vals = [r[k] for r in rows if r["variant"] == variant and r["at_iteration"] == at]
                 if vals:
+                    mean, sd = mean_sd(vals)
                     xs.append(at)
-                    ys.append(statistics.mean(vals))
-                    sds.append(statistics.stdev(vals) if len(vals) > 1 else 0.0)
+                    ys.append(mean)
+                    sds.append(sd)
             if xs:
                 ax.errorbar(xs, ys, yerr=sds, marker="o", capsize=3, label=variant)
         ax.set_xlabel("iteration")

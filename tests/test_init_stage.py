@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from threads import intra_op_threads
 
 from nitro_dist import init_stage, stage_cache
 from nitro_dist.build import build_run
@@ -136,12 +137,8 @@ def test_a_cached_stage_loads_what_it_trained_and_a_changed_input_trains_again(
     fresh.world_size = 2  # another summation order: another key (the key only; nothing runs)
     assert stage_key(fresh) != key
     fresh.world_size = 1
-    threads = torch.get_num_threads()
-    torch.set_num_threads(threads + 1)  # another intra-op split of the sums: another key
-    try:
+    with intra_op_threads(torch.get_num_threads() + 1):  # another split of the sums: another key
         assert stage_key(fresh) != key
-    finally:
-        torch.set_num_threads(threads)
     with torch.no_grad():
         next(fresh.models.student.parameters()).add_(1e-3)
     assert stage_key(fresh) != key
@@ -182,12 +179,8 @@ def test_the_shipped_stage_cache_is_the_default_runs(monkeypatch):
     )
     run = build_run(cfg, progress=False)  # its pairs: the shipped ones (or the user's cache)
     run.world_size = cfg.distributed.num_workers  # the key of the Ray Train run (nothing runs)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(int(cfg.distributed.cpus_per_worker))  # Ray's OMP_NUM_THREADS there
-    try:
+    with intra_op_threads(int(cfg.distributed.cpus_per_worker)):  # Ray's OMP_NUM_THREADS there
         init_key = stage_key(run)
-    finally:
-        torch.set_num_threads(threads)
     (shipped,) = stage_cache.shipped_folders(run.task, cfg.model.source)
     ((kind, pairs_key),) = asked
     assert kind == "teacher_pairs"

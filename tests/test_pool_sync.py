@@ -16,6 +16,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from closeness import assert_adamw_close
 from safetensors.torch import load_file, save_file
+from threads import intra_op_threads
 
 from nitro_dist.build import build_run
 from nitro_dist.config import load_config
@@ -55,12 +56,10 @@ PAIRS = ["teacher.mode=offline", "teacher.offline_pairs=12", "teacher.batch_size
 
 
 def run_rank(rank: int, world: int, out: str, variant: str = "") -> dict:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the same summation order in the W=1 run and each W=2 rank
-    try:
+    # the same summation order in the W=1 run and each W=2 rank (W=1 runs in the pytest process
+    # itself: the count is restored after)
+    with intra_op_threads(1):
         return _run_rank(rank, world, out, variant)
-    finally:
-        torch.set_num_threads(threads)  # W=1 runs in the pytest process itself
 
 
 def _run_rank(rank: int, world: int, out: str, variant: str) -> dict:
@@ -120,19 +119,17 @@ def pair_builds(rank: int, world: int, out: str) -> list[dict]:
         return real(*args, **kwargs)
 
     builds = []
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the same summation order in the W=1 build and each rank
-    with mock.patch.dict(os.environ, {"NITRO_CACHE": cache}):
-        with mock.patch.object(pairs, "teacher_x0", counted):
-            for wipe in (False, True, False):
-                if wipe and rank == 1:
-                    for f in Path(cache, "teacher_pairs").glob("*.safetensors"):
-                        f.unlink()
-                calls.clear()
-                cfg = load_config("tiny", PAIRS)
-                run = build_run(cfg, rank=rank, world_size=world, owned_heads=[], progress=False)
-                builds.append({"batches": len(calls), "x0": run.x0_offline})
-    torch.set_num_threads(threads)
+    env = mock.patch.dict(os.environ, {"NITRO_CACHE": cache})
+    # the same summation order in the W=1 build and each rank
+    with intra_op_threads(1), env, mock.patch.object(pairs, "teacher_x0", counted):
+        for wipe in (False, True, False):
+            if wipe and rank == 1:
+                for f in Path(cache, "teacher_pairs").glob("*.safetensors"):
+                    f.unlink()
+            calls.clear()
+            cfg = load_config("tiny", PAIRS)
+            run = build_run(cfg, rank=rank, world_size=world, owned_heads=[], progress=False)
+            builds.append({"batches": len(calls), "x0": run.x0_offline})
     return builds
 
 
@@ -142,9 +139,7 @@ def init_builds(rank: int, world: int, out: str) -> list[dict]:
     stage was loaded, and G after it."""
     cache = os.path.join(out, f"init_cache_w{world}_r{rank}")
     runs = []
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with mock.patch.dict(os.environ, {"NITRO_CACHE": cache}):
+    with intra_op_threads(1), mock.patch.dict(os.environ, {"NITRO_CACHE": cache}):
         for wipe in (False, True, False):
             if wipe and rank == 1:
                 for f in Path(cache, "one_step_init").glob("*.safetensors"):
@@ -154,7 +149,6 @@ def init_builds(rank: int, world: int, out: str) -> list[dict]:
             metrics = one_step_init(run)
             state = {k: v.clone() for k, v in run.models.student.state_dict().items()}
             runs.append({"cached": metrics["init_cached"], "student": state})
-    torch.set_num_threads(threads)
     return runs
 
 
