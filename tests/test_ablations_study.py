@@ -86,3 +86,29 @@ def test_a_study_accumulates_and_records_its_trajectory(tmp_path, monkeypatch):
     assert f"| no_refresh | 1 | +1.18 +- 0.09 | +1.73 +- 0.14 | +0.55 ({p:.3f}, n=3) |" in gap
     assert (tmp_path / "ablations_t_trajectory.png").stat().st_size > 0
     assert (tmp_path / "ablations_t.png").stat().st_size > 0
+
+
+def test_the_check_against_the_default_study_names_each_point_equal_or_not():
+    ablations = _ablations()
+    key = {"eval_images": 2000, "overrides": ""}
+    reference = [
+        {"variant": "full", "seed": 0, "iterations": 450, **key, **_metrics(10.0)},
+        {"variant": "full", "seed": 1, "iterations": 450, **key, **_metrics(10.2)},
+    ]
+    points = [
+        {"variant": "full", "seed": s, "iterations": 1350, "at_iteration": at, **key, **m}
+        for s, at, m in [
+            (0, 450, _metrics(10.0)),  # the same run, on the same machine
+            (0, 900, _metrics(9.0)),  # no reference at 900
+            (1, 450, {**_metrics(10.2), "fid_digits_2step": 6.45}),  # another machine's run
+            (2, 450, _metrics(10.0)),  # no reference for seed 2
+        ]
+    ]
+    text = ablations.consistency_table(points, reference)
+    rows = [line for line in text.splitlines() if line.startswith("| full")]
+    assert rows == [
+        "| full | 0 | 450 | 10.0000 / 6.0000 / 7.0000 | 10.0000 / 6.0000 / 7.0000 | equal |",
+        "| full | 1 | 450 | 10.2000 / 6.2000 / 7.2000 | 10.2000 / 6.4500 / 7.2000 "
+        "| differs by up to 0.2500 |",
+    ]
+    assert ablations.consistency_table(points[1:2], reference) == ""
