@@ -175,9 +175,14 @@ def test_w1_and_w2_give_the_same_generator_and_pool(runs, variant):
     ref = variant if variant in W1_VARIANTS else ""
     s1 = load_file(os.path.join(out, f"student_w1{ref}.safetensors"))
     s2 = load_file(os.path.join(out, f"student_w2{variant}.safetensors"))
+    cfg = load_config("tiny", OVERRIDES + VARIANTS[variant])
     for k in s1:
         if variant == "init":  # AdamW at lr 1e-3: rare near-zero gradients flip (closeness.py)
             assert_adamw_close(s1[k], s2[k], atol=2e-5, lr=1e-3, steps=2 + ITERS, msg=k)
+            continue
+        if variant == "per_sample":  # G's gradient through a head judging 1 or 2 samples: rare
+            # near-zero elements too (seen: 1 of 9,216 off by 2.8e-5 on an AVX-512/AMX Xeon)
+            assert_adamw_close(s1[k], s2[k], atol=2e-5, lr=cfg.optim.lr, steps=ITERS, msg=k)
             continue
         # LoRA: AdamW normalises each element, so float-order noise in a near-zero adapter
         # gradient moves that element by a fraction of lr (2e-3): seen 2.8e-5, bound 5% of lr
@@ -191,7 +196,7 @@ def test_w1_and_w2_give_the_same_generator_and_pool(runs, variant):
         **load_file(os.path.join(out, f"heads_w2{variant}_r1.safetensors")),
     }
     assert h1.keys() == h2.keys()  # every head owned exactly once across the two ranks
-    pool_lr = load_config("tiny", OVERRIDES + VARIANTS[variant]).pool.lr
+    pool_lr = cfg.pool.lr
     for k in h1:  # float-order noise grows with the head's values (lr 2e-3): relative part too
         if variant == "per_sample":  # a head judging 1 or 2 samples: near-zero gradients too
             assert_adamw_close(h1[k], h2[k], atol=2e-5, lr=pool_lr, steps=ITERS, msg=k)
