@@ -294,18 +294,14 @@ def consistency_table(points: list[dict], reference: list[dict]) -> str:
     changes the last bits of the teacher pairs), and the GAN amplifies it: a point that differs
     is a run made on another machine, a different realisation of that seed. One row per point
     checked, with the largest |difference| over the FIDs; empty when nothing can be checked."""
-    ref = {
-        (r["variant"], r["seed"], r["iterations"], r["eval_images"], r["overrides"]): r
-        for r in reference
-    }
+    ref = {tuple(r[k] for k in KEY): r for r in reference}
+    fids = [f"fid_digits_{s}step" for s in STEPS]
     lines = []
     for r in sorted(points, key=lambda r: (r["seed"], r["variant"], r["at_iteration"])):
-        other = ref.get(
-            (r["variant"], r["seed"], r["at_iteration"], r["eval_images"], r["overrides"])
-        )
+        # the run of the reference study that stopped at this point
+        other = ref.get(tuple(r["at_iteration"] if k == "iterations" else r[k] for k in KEY))
         if other is None:
             continue
-        fids = [f"fid_digits_{s}step" for s in STEPS]
         diff = max(abs(r[k] - other[k]) for k in fids)
         lines.append(
             f"| {r['variant']} | {r['seed']} | {r['at_iteration']} | "

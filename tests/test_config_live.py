@@ -57,6 +57,7 @@ from unittest import mock
 
 import pytest
 import torch
+from threads import intra_op_threads
 
 from nitro_dist import loop, lora, stage_cache
 from nitro_dist.build import build_run, models_of
@@ -902,15 +903,18 @@ def config_of(probe: str, context: dict[str, Any], p: Paths, change: dict[str, A
 
 def fingerprint(probe: str, cfg: Config, scratch: Path) -> dict[str, Any]:
     scratch.mkdir(parents=True, exist_ok=True)
-    threads = torch.get_num_threads()
     cache = scratch.parent / f"{scratch.name}-cache"  # offline pairs are computed, not loaded
-    try:
-        with mock.patch.dict(os.environ, {"NITRO_CACHE": str(cache)}), chdir(scratch):
+    env = {"NITRO_CACHE": str(cache)}
+    try:  # a probe may change torch's thread count: the current one is restored after
+        with (
+            intra_op_threads(torch.get_num_threads()),
+            mock.patch.dict(os.environ, env),
+            chdir(scratch),
+        ):
             out = PROBES[probe][2](cfg, scratch)
     except ValueError as e:  # a refused build is an effect too (train.device=cuda on a CPU box)
         out = {"error": str(e)}
     finally:
-        torch.set_num_threads(threads)
         torch.manual_seed(0)
     return scrub(plain(out), str(scratch))
 
